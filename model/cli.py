@@ -1,0 +1,60 @@
+"""`rtmdet` sub-commands that belong to the model: detect (and, from the training package, train/eval/...).
+
+Each `add_*` function registers one sub-command on an argparse sub-parser collection; `service.cli`
+assembles them into the one `rtmdet` program.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from model.config import SIZES, TestConfig
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_tiny_shapes.pth"
+
+
+def add_detect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("detect", help="detect objects in image files and print JSON")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--size", default="tiny", choices=SIZES)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--score-thr", type=float, default=0.3)
+    p.add_argument("--img-size", type=int, default=640)
+    p.add_argument("--fp16", action="store_true", help="half precision (CUDA only)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", type=Path, help="directory for copies of the images with boxes drawn")
+    p.set_defaults(func=run_detect)
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    from model.checkpoint import CheckpointError
+    from model.inference.detector import Detector, load_image
+    from model.render import draw_detections
+
+    try:
+        detector = Detector.from_checkpoint(args.weights, size=args.size, device=args.device, fp16=args.fp16,
+                                            test_cfg=TestConfig.serving(score_thr=args.score_thr,
+                                                                        input_size=args.img_size))
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results = []
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start:start + args.batch_size]
+        try:
+            images = [load_image(p) for p in paths]
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for path, img, dets in zip(paths, images, detector(images)):
+            results.append({"image": str(path), "width": img.shape[1], "height": img.shape[0],
+                            "detections": dets.to_list()})
+            if args.out:
+                import cv2
+                args.out.mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(args.out / (path.stem + "_det.jpg")), draw_detections(img, dets))
+    print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    return 0

@@ -1,0 +1,71 @@
+"""The one table of official RTMDet sizes, and the typed test-time settings.
+
+Numbers come from MMDetection 3.3.0's `configs/rtmdet/rtmdet_<size>_8xb32-300e_coco.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SIZES = ("tiny", "s", "m", "l", "x")
+STRIDES = (8, 16, 32)
+
+# ImageNet statistics in BGR order: MMDetection's RTMDet feeds cv2's BGR images unflipped.
+PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
+PIXEL_STD_BGR = (57.375, 57.12, 58.395)
+PAD_VALUE = 114
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture numbers for one size."""
+
+    name: str
+    deepen_factor: float
+    widen_factor: float
+    neck_csp_blocks: int
+    exp_on_reg: bool
+    published_params: int  # `sum(p.numel() for p in model.parameters())` of the official build
+
+    @property
+    def neck_in_channels(self) -> tuple[int, int, int]:
+        return tuple(int(c * self.widen_factor) for c in (256, 512, 1024))  # type: ignore[return-value]
+
+    @property
+    def head_channels(self) -> int:
+        return self.neck_in_channels[0]
+
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "tiny": ModelSpec("tiny", 0.167, 0.375, 1, False, 4_896_168),
+    "s": ModelSpec("s", 0.33, 0.5, 1, False, 8_886_924),
+    "m": ModelSpec("m", 0.67, 0.75, 2, True, 24_709_188),
+    "l": ModelSpec("l", 1.0, 1.0, 3, True, 52_315_804),
+    "x": ModelSpec("x", 1.33, 1.25, 4, True, 94_855_572),
+}
+
+
+def model_spec(size: str) -> ModelSpec:
+    try:
+        return MODEL_SPECS[size]
+    except KeyError:
+        raise ValueError(f"unknown RTMDet size {size!r}; choose one of {', '.join(SIZES)}") from None
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    """Post-processing settings; defaults are the official evaluation ones (`test_cfg`)."""
+
+    input_size: int = 640
+    score_thr: float = 0.001
+    nms_pre: int = 30000
+    iou_thr: float = 0.65
+    max_per_img: int = 300
+
+    @classmethod
+    def serving(cls, **overrides) -> TestConfig:
+        """Thresholds for serving: only confident boxes, so post-processing stays cheap."""
+        base = dict(score_thr=0.3, nms_pre=1000, max_per_img=100)
+        base.update(overrides)
+        return cls(**base)

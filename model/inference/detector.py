@@ -1,0 +1,156 @@
+"""Detector: images in, detections out. The one interface everything that detects goes through."""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.checkpoint import (class_names_from_meta, infer_num_classes, load_state_dict_strict,
+                              read_checkpoint)
+from model.classes import COCO_CLASSES
+from model.config import TestConfig
+from model.inference.postprocess import postprocess
+from model.inference.preprocess import LetterboxInfo, Normalizer, letterbox, stack_letterboxed
+from model.nn.rtmdet import RTMDet, build_rtmdet, fused_for_inference
+
+
+@dataclass
+class Detections:
+    """Detections of one image: boxes are xyxy in the original image's pixels."""
+
+    boxes: np.ndarray  # (N, 4) float32
+    scores: np.ndarray  # (N,) float32
+    labels: np.ndarray  # (N,) int64
+    class_names: list[str] = field(default_factory=list)  # one per detection
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def to_list(self) -> list[dict]:
+        return [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(lbl),
+                 "class_name": n}
+                for b, s, lbl, n in zip(self.boxes, self.scores, self.labels, self.class_names)]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto", ""):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Detector:
+    """Letterbox -> network -> batched post-processing, on CUDA when there is one, else the CPU.
+
+    `detector(images)` takes BGR uint8 H x W x 3 arrays (as cv2.imread gives them) and returns one
+    `Detections` per image. The batch is whatever list it is given: callers (the service's batcher)
+    decide batch sizes.
+    """
+
+    def __init__(self, model: RTMDet, class_names: Sequence[str] | None = None, device: str | torch.device | None = None,
+                 fp16: bool = False, test_cfg: TestConfig | None = None, fuse: bool = True,
+                 channels_last: bool | None = None, weights_sha256: str | None = None) -> None:
+        self.device = resolve_device(device)
+        self.size = model.size
+        self.num_classes = model.num_classes
+        names = list(class_names) if class_names is not None else list(COCO_CLASSES)
+        if len(names) != self.num_classes:
+            raise ValueError(f"{len(names)} class names for a model with {self.num_classes} classes")
+        self.class_names = names
+        self.cfg = test_cfg or TestConfig.serving()
+        self.fp16 = bool(fp16 and self.device.type == "cuda")
+        self.dtype = torch.float16 if self.fp16 else torch.float32
+        self.channels_last = self.device.type == "cuda" if channels_last is None else channels_last
+        self.strides = model.bbox_head.strides
+        self.weights_sha256 = weights_sha256
+        net = fused_for_inference(model) if fuse else model.eval()
+        net = net.to(self.device, dtype=self.dtype)
+        if self.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.network = net.eval()
+        self.normalize = Normalizer(self.device, self.dtype, self.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, size: str = "tiny", device: str | torch.device | None = None,
+                        classes: Sequence[str] | None = None, **kwargs) -> Detector:
+        """Build the network for `size`, load `path` strictly; class names from the argument, else
+        the checkpoint's meta, else COCO's (the number of classes follows the checkpoint)."""
+        state, meta = read_checkpoint(path)
+        num_classes = infer_num_classes(state) or 80
+        model = build_rtmdet(size, num_classes=num_classes)
+        load_state_dict_strict(model, state, source=str(path))
+        names = list(classes) if classes is not None else class_names_from_meta(meta)
+        if names is None and num_classes != 80:
+            names = [f"class_{i}" for i in range(num_classes)]
+        return cls(model, names, device=device, weights_sha256=file_sha256(path), **kwargs)
+
+    @property
+    def input_size(self) -> int:
+        return self.cfg.input_size
+
+    def with_config(self, **changes) -> TestConfig:
+        return replace(self.cfg, **changes)
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[LetterboxInfo]]:
+        """CPU half of the work: letterbox each image into a uint8 batch (B, S, S, 3)."""
+        canvases, infos = zip(*(letterbox(img, self.input_size) for img in images))
+        return stack_letterboxed(canvases, pin_memory=self.device.type == "cuda"), list(infos)
+
+    @torch.inference_mode()
+    def forward(self, batch_uint8: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return self.network(self.normalize(batch_uint8))
+
+    @torch.inference_mode()
+    def postprocess(self, cls_scores, bbox_preds, infos: Sequence[LetterboxInfo],
+                    cfg: TestConfig | None = None) -> list[Detections]:
+        cfg = cfg or self.cfg
+        scale = torch.tensor([[i.scale_w, i.scale_h] for i in infos], device=self.device)
+        orig = torch.tensor([[i.orig_w, i.orig_h] for i in infos], device=self.device)
+        dets = postprocess(cls_scores, bbox_preds, self.strides, scale, orig, cfg)
+        out = []
+        for boxes, scores, labels in dets.split(len(infos)):
+            labels_np = labels.cpu().numpy()
+            out.append(Detections(boxes.cpu().numpy().astype(np.float32), scores.cpu().numpy().astype(np.float32),
+                                  labels_np, [self.class_names[i] for i in labels_np]))
+        return out
+
+    def __call__(self, images: Sequence[np.ndarray], cfg: TestConfig | None = None) -> list[Detections]:
+        if len(images) == 0:
+            return []
+        batch, infos = self.preprocess(images)
+        cls_scores, bbox_preds = self.forward(batch)
+        return self.postprocess(cls_scores, bbox_preds, infos, cfg)
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Run once per batch size so lazy allocations and kernels are paid before real traffic."""
+        for b in batch_sizes:
+            img = np.full((self.input_size, self.input_size, 3), PAD_GRAY, dtype=np.uint8)
+            self([img] * b)
+
+    def describe(self) -> dict:
+        return {"name": f"rtmdet-{self.size}", "size": self.size, "classes": list(self.class_names),
+                "input_size": self.input_size, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "weights_sha256": self.weights_sha256}
+
+
+PAD_GRAY = 114
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    import cv2
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"{path}: not a readable image")
+    return img

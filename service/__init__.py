@@ -1,0 +1,1 @@
+"""The rtmdet-serve front end: HTTP and gRPC over one dynamic batcher."""

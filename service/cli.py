@@ -1,0 +1,23 @@
+"""The `rtmdet` program: the model's commands plus the service's."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from model.cli import add_detect
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtmdet", description="RTMDet detection: run, train, serve")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_detect(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
