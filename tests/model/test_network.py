@@ -1,0 +1,91 @@
+"""The network against the official MMDetection layout and outputs."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import SIZES, build_rtmdet, fused_for_inference
+from model.testing import fill_deterministic
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def official(size: str) -> dict:
+    return json.loads((DATA / "official" / f"rtmdet_{size}_keys.json").read_text())
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_state_dict_keys_shapes_and_order_equal_the_official_checkpoint(size):
+    ref = official(size)
+    model = build_rtmdet(size)
+    ours = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    assert ours == ref["state_dict"]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_parameter_count_equals_the_official_one(size):
+    model = build_rtmdet(size)
+    assert sum(p.numel() for p in model.parameters()) == official(size)["num_params_unique"]
+
+
+def test_head_convs_are_shared_across_levels_and_bns_are_not():
+    head = build_rtmdet("tiny").bbox_head
+    for alias, first in official("tiny")["alias_of"]:
+        assert alias.endswith(".conv.weight")
+    assert head.cls_convs[2][1].conv is head.cls_convs[0][1].conv
+    assert head.reg_convs[1][0].conv is head.reg_convs[0][0].conv
+    assert head.cls_convs[1][0].bn is not head.cls_convs[0][0].bn
+
+
+@pytest.mark.parametrize("size", ["tiny", "s"])
+def test_output_shapes_per_level(size):
+    model = build_rtmdet(size, num_classes=7).eval()
+    with torch.inference_mode():
+        cls, reg = model(torch.zeros(2, 3, 96, 160))
+    assert [tuple(c.shape) for c in cls] == [(2, 7, 12, 20), (2, 7, 6, 10), (2, 7, 3, 5)]
+    assert [tuple(r.shape) for r in reg] == [(2, 4, 12, 20), (2, 4, 6, 10), (2, 4, 3, 5)]
+
+
+@pytest.mark.parametrize("size", ["tiny", "s", "m"])
+def test_forward_equals_mmdetection_outputs(size):
+    """tests/data/parity holds MMDetection 3.3.0's raw outputs for seeded weights (tools/mmdet_parity.py)."""
+    ref = torch.load(DATA / "parity" / f"rtmdet_{size}.pt", weights_only=True)
+    model = fill_deterministic(build_rtmdet(size), ref["seed"]).eval()
+    with torch.inference_mode():
+        cls, reg = model(ref["input"])
+    for ours, theirs in zip(cls + reg, ref["cls_scores"] + ref["bbox_preds"]):
+        assert ours.shape == theirs.shape
+        assert torch.allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_exp_on_reg_only_for_m_l_x():
+    assert not build_rtmdet("s").bbox_head.exp_on_reg
+    assert build_rtmdet("m").bbox_head.exp_on_reg
+
+
+def test_bn_folding_keeps_outputs():
+    model = fill_deterministic(build_rtmdet("tiny"), 3).eval()
+    fused = fused_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(1, 3, 128, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = model(x), fused(x)
+    for p, q in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.allclose(p, q, atol=1e-4, rtol=1e-4)
+    # the original keeps its official layout and its BNs
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 76
+
+
+def test_chained_pools_equal_parallel_5_9_13_pools():
+    x = torch.randn(2, 4, 17, 23)
+    pool5 = torch.nn.MaxPool2d(5, 1, 2)
+    chained = [pool5(x), pool5(pool5(x)), pool5(pool5(pool5(x)))]
+    parallel = [torch.nn.MaxPool2d(k, 1, k // 2)(x) for k in (5, 9, 13)]
+    for a, b in zip(chained, parallel):
+        assert torch.equal(a, b)
+
+
+def test_unknown_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown RTMDet size 'xl'"):
+        build_rtmdet("xl")
