@@ -5,12 +5,14 @@ import argparse
 import sys
 
 from model.cli import add_detect
+from model.data.cli import add_make_shapes_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtmdet", description="RTMDet detection: run, train, serve")
     sub = parser.add_subparsers(dest="command", required=True)
     add_detect(sub)
+    add_make_shapes_dataset(sub)
     return parser
 
 
