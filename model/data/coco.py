@@ -1,0 +1,123 @@
+"""COCO-format detection dataset: instances JSON + image folder -> `Sample`s with contiguous labels."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from model.data.sample import Sample
+
+
+def _check_annotation_file(path: Path, data: object) -> None:
+    """Raise ValueError naming `path` and the first entry that is not valid COCO detection data."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{path}: missing or non-list '{key}'")
+    cat_ids, img_ids = set(), set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+            raise ValueError(f"{path}: categories[{i}] needs an integer 'id' and a string 'name': {cat!r}")
+        if cat["id"] in cat_ids:
+            raise ValueError(f"{path}: categories[{i}] repeats id {cat['id']}")
+        cat_ids.add(cat["id"])
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not isinstance(img.get("id"), int) or not isinstance(img.get("file_name"), str):
+            raise ValueError(f"{path}: images[{i}] needs an integer 'id' and a string 'file_name': {img!r}")
+        if img["id"] in img_ids:
+            raise ValueError(f"{path}: images[{i}] repeats id {img['id']}")
+        img_ids.add(img["id"])
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}] (id {ann.get('id') if isinstance(ann, dict) else '?'})"
+        if not isinstance(ann, dict):
+            raise ValueError(f"{where} is not an object: {ann!r}")
+        if ann.get("image_id") not in img_ids:
+            raise ValueError(f"{where} refers to unknown image_id {ann.get('image_id')!r}")
+        if ann.get("category_id") not in cat_ids:
+            raise ValueError(f"{where} refers to unknown category_id {ann.get('category_id')!r}")
+        bbox = ann.get("bbox")
+        if (not isinstance(bbox, list) or len(bbox) != 4
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
+                or not all(np.isfinite(bbox))):
+            raise ValueError(f"{where} has a malformed 'bbox' (want 4 finite numbers [x, y, w, h]): {bbox!r}")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise ValueError(f"{where} has a negative width or height in 'bbox': {bbox!r}")
+
+
+class CocoDetection:
+    """A COCO instances file and its image folder.
+
+    Labels are contiguous 0..C-1 in ascending category-id order (MMDetection's rule), `label_to_cat_id[label]`
+    maps back. Crowd annotations and zero-area boxes are ignored; with `filter_empty`, images left without a box
+    are dropped (training), otherwise every image is kept (evaluation).
+    """
+
+    def __init__(self, ann_file: str | Path, img_dir: str | Path, filter_empty: bool = True):
+        from pycocotools.coco import COCO
+
+        self.ann_file = Path(ann_file)
+        self.img_dir = Path(img_dir)
+        try:
+            data = json.loads(self.ann_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.ann_file}: not valid JSON ({exc})") from None
+        _check_annotation_file(self.ann_file, data)
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            coco.createIndex()
+        self.coco = coco
+
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        self.label_to_cat_id: list[int] = [c["id"] for c in cats]
+        self.cat_id_to_label: dict[int, int] = {cid: i for i, cid in enumerate(self.label_to_cat_id)}
+        self.class_names: list[str] = [c["name"] for c in cats]
+
+        self._boxes: dict[int, np.ndarray] = {}
+        self._labels: dict[int, np.ndarray] = {}
+        self.image_ids: list[int] = []
+        for img in sorted(data["images"], key=lambda m: m["id"]):
+            boxes, labels = [], []
+            for ann in coco.imgToAnns.get(img["id"], []):
+                if ann.get("iscrowd", 0):
+                    continue
+                x, y, w, h = ann["bbox"]
+                if w <= 0 or h <= 0:
+                    continue
+                boxes.append([x, y, x + w, y + h])
+                labels.append(self.cat_id_to_label[ann["category_id"]])
+            if filter_empty and not boxes:
+                continue
+            self._boxes[img["id"]] = np.asarray(boxes, np.float32).reshape(-1, 4)
+            self._labels[img["id"]] = np.asarray(labels, np.int64)
+            self.image_ids.append(img["id"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, index: int) -> Path:
+        return self.img_dir / self.coco.imgs[self.image_ids[index]]["file_name"]
+
+    def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes, labels) of image `index` without reading pixels (copies, safe to modify)."""
+        image_id = self.image_ids[index]
+        return self._boxes[image_id].copy(), self._labels[image_id].copy()
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        path = self.image_path(index)
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise FileNotFoundError(f"cannot read image {path} (image id {self.image_ids[index]})")
+        boxes, labels = self.annotations(index)
+        return Sample(img=img, boxes=boxes, labels=labels, image_id=self.image_ids[index])
