@@ -6,6 +6,7 @@ import sys
 
 from model.cli import add_detect
 from model.data.cli import add_make_shapes_dataset
+from model.export_cli import add_export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_detect(sub)
     add_make_shapes_dataset(sub)
+    add_export(sub)
     return parser
 
 

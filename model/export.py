@@ -1,0 +1,202 @@
+"""ONNX export of the network, checked against PyTorch with onnxruntime on the same input.
+
+The exported graph takes what the service's preprocess already makes, a letterboxed uint8 BGR batch
+(B, S, S, 3), and normalises inside the graph: a quarter of the bytes cross to the runtime (or over
+the wire to Triton) compared with float input, and no caller can get the mean/std wrong.
+
+Two output layouts:
+- `heads` (default): per level, class logits (B, C, S/s, S/s) and ltrb pixel distances (B, 4, S/s, S/s),
+  named `cls_s8`, `cls_s16`, `cls_s32`, `reg_s8`, ... exactly what `RTMDet.forward` returns, so the
+  caller keeps the model's batched post-processing (score filter, top-k, NMS, rescale).
+- `decoded`: box decoding inside the graph, `boxes` (B, N, 4) xyxy on the letterboxed canvas (clamped
+  to it) and `scores` (B, N, C) sigmoid probabilities, N = all priors, for runtimes that bring their own NMS.
+
+Facts about the model travel in the file's metadata (`rtmdet.*` keys), so a backend needs nothing else.
+A Triton model repository around the file: `model.triton_repo`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.boxes import distance2bbox, grid_priors
+from model.config import PIXEL_MEAN_BGR, PIXEL_STD_BGR
+from model.nn.rtmdet import RTMDet, fused_for_inference
+
+INPUT_NAME = "images"
+LAYOUTS = ("heads", "decoded")
+OPSET = 17
+
+# Parity tolerance |onnx - torch| <= atol + rtol * |torch|, against the float32 PyTorch network.
+# float32: both runtimes do the same maths in a different order (measured max abs diff ~1e-5 on logits).
+# float16: the half-precision graph against the float32 reference; half has an 11-bit mantissa.
+TOLERANCES = {False: (1e-3, 1e-3), True: (5e-2, 2e-2)}  # fp16 -> (atol, rtol)
+
+
+def head_output_names(strides: Sequence[int]) -> list[str]:
+    return [f"cls_s{s}" for s in strides] + [f"reg_s{s}" for s in strides]
+
+
+def output_names(layout: str, strides: Sequence[int]) -> list[str]:
+    return head_output_names(strides) if layout == "heads" else ["boxes", "scores"]
+
+
+class ExportableRTMDet(nn.Module):
+    """uint8 (B, S, S, 3) BGR -> the network's outputs in float32, normalisation inside."""
+
+    def __init__(self, network: nn.Module, strides: Sequence[int], layout: str = "heads",
+                 half: bool = False) -> None:
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown output layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        self.network = network
+        self.strides = tuple(strides)
+        self.layout = layout
+        self.half = half
+        self.register_buffer("mean", torch.tensor(PIXEL_MEAN_BGR).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("inv_std", (1.0 / torch.tensor(PIXEL_STD_BGR)).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = (images.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+        cls_scores, bbox_preds = self.network(x.half() if self.half else x)
+        cls_scores = [c.float() for c in cls_scores]
+        bbox_preds = [r.float() for r in bbox_preds]
+        if self.layout == "heads":
+            return (*cls_scores, *bbox_preds)
+        return self._decode(cls_scores, bbox_preds, canvas=images.shape[1])
+
+    def _decode(self, cls_scores, bbox_preds, canvas: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = cls_scores[0].shape[0]
+        sizes = [(int(c.shape[2]), int(c.shape[3])) for c in cls_scores]
+        # Shapes are static in the graph, so the priors fold into one constant.
+        priors = grid_priors(sizes, self.strides, device=cls_scores[0].device)
+        scores = torch.cat([c.permute(0, 2, 3, 1).reshape(b, -1, c.shape[1]) for c in cls_scores], 1).sigmoid()
+        dist = torch.cat([r.permute(0, 2, 3, 1).reshape(b, -1, 4) for r in bbox_preds], 1)
+        boxes = distance2bbox(priors[None, :, :2], dist).clamp(0, canvas)
+        return boxes, scores
+
+
+@dataclass
+class ExportReport:
+    """What was written and how closely onnxruntime agrees with PyTorch on the same input."""
+
+    path: str
+    layout: str
+    fp16: bool
+    dynamic_batch: bool
+    input_size: int
+    atol: float
+    rtol: float
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    max_ref_abs: dict[str, float] = field(default_factory=dict)
+    passed: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def model_metadata(model: RTMDet, class_names: Sequence[str], input_size: int, layout: str, fp16: bool,
+                   weights_sha256: str | None = None) -> dict[str, str]:
+    meta = {
+        "rtmdet.size": model.size,
+        "rtmdet.input_size": str(input_size),
+        "rtmdet.strides": json.dumps(list(model.bbox_head.strides)),
+        "rtmdet.layout": layout,
+        "rtmdet.input_format": "uint8 BGR NHWC letterboxed, pad 114",
+        "rtmdet.dtype": "float16" if fp16 else "float32",
+        "rtmdet.classes": json.dumps(list(class_names)),
+    }
+    if weights_sha256:
+        meta["rtmdet.weights_sha256"] = weights_sha256
+    return meta
+
+
+def export_onnx(model: RTMDet, out: str | os.PathLike, class_names: Sequence[str], input_size: int = 640,
+                layout: str = "heads", fp16: bool = False, dynamic_batch: bool = False, batch_size: int = 1,
+                weights_sha256: str | None = None, check: bool = True, seed: int = 0) -> ExportReport:
+    """Write `model` as ONNX to `out`; with `check`, compare onnxruntime against PyTorch (float32) on a
+    seeded random batch and report the largest difference per output. Raises if it is out of tolerance."""
+    if input_size % max(model.bbox_head.strides) != 0:
+        raise ValueError(f"input size {input_size} is not a multiple of the largest stride "
+                         f"{max(model.bbox_head.strides)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    strides = model.bbox_head.strides
+    reference = ExportableRTMDet(fused_for_inference(model).float(), strides, layout).eval()
+    net = fused_for_inference(model)
+    exported = ExportableRTMDet(net.half() if fp16 else net.float(), strides, layout, half=fp16).eval()
+
+    example = example_batch(2 if dynamic_batch else batch_size, input_size, seed)
+    names = output_names(layout, strides)
+    dynamic_axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]} if dynamic_batch else None
+    tmp = out.with_name(out.name + ".tmp")
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter warns that it is legacy; it needs no onnxscript and handles this net.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(exported, (example,), str(tmp), dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=names, dynamic_axes=dynamic_axes)
+    _attach_metadata(tmp, model_metadata(model, class_names, input_size, layout, fp16, weights_sha256))
+    os.replace(tmp, out)
+
+    atol, rtol = TOLERANCES[fp16]
+    report = ExportReport(str(out), layout, fp16, dynamic_batch, input_size, atol, rtol)
+    if check:
+        # A batch size other than the one traced proves the batch axis really is dynamic.
+        check_batch = example_batch(3 if dynamic_batch else batch_size, input_size, seed + 1)
+        compare_with_torch(out, reference, check_batch, report)
+        if not report.passed:
+            raise RuntimeError(f"{out}: onnxruntime disagrees with PyTorch beyond atol={atol}, rtol={rtol}: "
+                               f"{report.max_abs_diff}")
+    return report
+
+
+def example_batch(batch: int, size: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=gen)
+
+
+def _attach_metadata(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def compare_with_torch(path: str | os.PathLike, reference: nn.Module, batch: torch.Tensor,
+                       report: ExportReport) -> ExportReport:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {INPUT_NAME: batch.numpy()})
+    with torch.inference_mode():
+        want = [t.numpy() for t in reference(batch)]
+    passed = True
+    for out, g, w in zip(session.get_outputs(), got, want, strict=True):
+        if g.shape != w.shape:
+            raise RuntimeError(f"{path}: output {out.name} has shape {g.shape}, PyTorch gives {w.shape}")
+        diff = np.abs(g.astype(np.float64) - w)
+        report.max_abs_diff[out.name] = float(diff.max())
+        report.max_ref_abs[out.name] = float(np.abs(w).max())
+        passed &= bool((diff <= report.atol + report.rtol * np.abs(w)).all())
+    report.passed = passed
+    return report
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
