@@ -29,7 +29,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
-                state = {k: f.get_tensor(k) for k in f.keys()}
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
                 header = f.metadata() or {}
         except Exception as exc:  # safetensors raises several types for corrupt files
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None

@@ -57,6 +57,8 @@ def model_spec(size: str) -> ModelSpec:
 class TestConfig:
     """Post-processing settings; defaults are the official evaluation ones (`test_cfg`)."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     input_size: int = 640
     score_thr: float = 0.001
     nms_pre: int = 30000

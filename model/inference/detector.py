@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import (class_names_from_meta, infer_num_classes, load_state_dict_strict,
-                              read_checkpoint)
+from model.checkpoint import class_names_from_meta, infer_num_classes, load_state_dict_strict, read_checkpoint
 from model.classes import COCO_CLASSES
-from model.config import TestConfig
+from model.config import PAD_VALUE, TestConfig
 from model.inference.postprocess import postprocess
 from model.inference.preprocess import LetterboxInfo, Normalizer, letterbox, stack_letterboxed
 from model.nn.rtmdet import RTMDet, build_rtmdet, fused_for_inference
@@ -59,9 +58,10 @@ class Detector:
     decide batch sizes.
     """
 
-    def __init__(self, model: RTMDet, class_names: Sequence[str] | None = None, device: str | torch.device | None = None,
-                 fp16: bool = False, test_cfg: TestConfig | None = None, fuse: bool = True,
-                 channels_last: bool | None = None, weights_sha256: str | None = None) -> None:
+    def __init__(self, model: RTMDet, class_names: Sequence[str] | None = None,
+                 device: str | torch.device | None = None, fp16: bool = False,
+                 test_cfg: TestConfig | None = None, fuse: bool = True, channels_last: bool | None = None,
+                 weights_sha256: str | None = None) -> None:
         self.device = resolve_device(device)
         self.size = model.size
         self.num_classes = model.num_classes
@@ -136,16 +136,13 @@ class Detector:
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run once per batch size so lazy allocations and kernels are paid before real traffic."""
         for b in batch_sizes:
-            img = np.full((self.input_size, self.input_size, 3), PAD_GRAY, dtype=np.uint8)
+            img = np.full((self.input_size, self.input_size, 3), PAD_VALUE, dtype=np.uint8)
             self([img] * b)
 
     def describe(self) -> dict:
         return {"name": f"rtmdet-{self.size}", "size": self.size, "classes": list(self.class_names),
-                "input_size": self.input_size, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "weights_sha256": self.weights_sha256}
-
-
-PAD_GRAY = 114
+                "input_size": self.input_size, "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""), "weights_sha256": self.weights_sha256}
 
 
 def load_image(path: str | Path) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Follows MMDetection's `_predict_by_feat_single` for RTMDet: per level, scores above `score_thr`,
 their top `nms_pre`; decode with a clamp to the padded canvas; undo the resize; drop empty boxes;
-class-aware NMS (IoU > iou_thr suppresses); keep the best `max_per_img`; finally clip to the image.
+class-aware NMS (IoU > iou_thr suppresses); keep the best `max_per_img`; finally clip to the image
+(dropping boxes that lay wholly in the padding).
 Images and classes are separated inside one `batched_nms` call by giving every (image, class)
 pair its own group id, so there is no Python loop over images, classes or boxes.
 """
@@ -91,4 +92,7 @@ def postprocess(cls_scores: Sequence[torch.Tensor], bbox_preds: Sequence[torch.T
     box = box[keep]
     limit = orig_wh[img[keep]].to(box.dtype)
     box = torch.minimum(box.clamp(min=0), limit.repeat(1, 2))
-    return BatchDetections(box, score[keep], label[keep], img[keep])
+    # A box that lay wholly in the padding is empty once clipped to the image: not a detection.
+    inside = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
+    keep = keep[inside]
+    return BatchDetections(box[inside], score[keep], label[keep], img[keep])
