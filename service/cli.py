@@ -7,6 +7,7 @@ import sys
 from model.cli import add_detect
 from model.data.cli import add_make_shapes_dataset
 from model.export_cli import add_export
+from model.train.cli import add_eval, add_train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_detect(sub)
     add_make_shapes_dataset(sub)
+    add_train(sub)
+    add_eval(sub)
     add_export(sub)
     return parser
 

@@ -1,0 +1,56 @@
+"""COCO mAP of a network on a COCO-format split, through the official test pipeline.
+
+Letterbox (`model.inference.preprocess`) -> network -> `model.inference.postprocess` with `TestConfig()`
+(score 0.001, nms_pre 30000, IoU 0.65, max 300), i.e. the `Detector`, then pycocotools.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.config import TestConfig
+from model.data.coco import CocoDetection
+from model.data.coco_eval import evaluate_coco
+from model.inference.detector import Detector
+
+
+def find_split(data_dir: str | Path, split: str) -> tuple[Path, Path]:
+    """(instances JSON, image folder) of `split` in a COCO-style folder.
+
+    Accepts `annotations/instances_<split>.json` + `<split>/` (the shapes set) and the COCO 2017 names
+    `annotations/instances_<split>2017.json` + `<split>2017/`.
+    """
+    root = Path(data_dir)
+    for name in (split, f"{split}2017"):
+        ann = root / "annotations" / f"instances_{name}.json"
+        if ann.is_file():
+            img_dir = root / name
+            if not img_dir.is_dir():
+                raise FileNotFoundError(f"{ann} found but its image folder {img_dir} is missing")
+            return ann, img_dir
+    raise FileNotFoundError(f"{root}: no annotations/instances_{split}.json (or instances_{split}2017.json)")
+
+
+@torch.no_grad()
+def predict_dataset(detector: Detector, dataset: CocoDetection, batch_size: int = 8,
+                    max_images: int | None = None) -> dict[int, tuple]:
+    """{image_id: (boxes xyxy original pixels, scores, labels)} for the first `max_images` images."""
+    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    results: dict[int, tuple] = {}
+    for start in range(0, n, batch_size):
+        samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        for sample, det in zip(samples, detector([s.img for s in samples]), strict=True):
+            results[sample.image_id] = (det.boxes, det.scores, det.labels)
+    return results
+
+
+def evaluate_model(model: nn.Module, dataset: CocoDetection, img_size: int = 640,
+                   device: str | torch.device | None = None, batch_size: int = 8,
+                   max_images: int | None = None) -> dict[str, float]:
+    """The 12 COCO numbers of `model` (left untouched: the detector works on a fused copy)."""
+    detector = Detector(model, class_names=dataset.class_names, device=device, test_cfg=TestConfig(input_size=img_size),
+                        fuse=True)
+    results = predict_dataset(detector, dataset, batch_size, max_images)
+    return evaluate_coco(dataset.coco, results, dataset.label_to_cat_id, image_ids=list(results))
