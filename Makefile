@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install test test-all lint fmt serve detect bench clean
+.PHONY: install triton-env test test-all lint fmt serve detect bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,10 +14,23 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# Triton Inference Server for the Triton backend's tests: PyPI's nvidia-pytriton bundles tritonserver 2.51
+# and its Python backend; it needs numpy<2, hence a venv of its own. The Python-backend stub for this
+# Python goes where the server looks for it (pytriton does this copy at run time; we run the server bare).
+TRITON_VENV ?= .venv-triton
+TRITON_DIST := $(TRITON_VENV)/lib/python3.11/site-packages/pytriton/tritonserver
+$(TRITON_VENV)/.installed:
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q "nvidia-pytriton==0.7.0" "numpy==1.26.4" "onnxruntime==1.32.0"
+	cp $(TRITON_DIST)/python_backend_stubs/3.11/triton_python_backend_stub $(TRITON_DIST)/backends/python/
+	touch $@
+
+triton-env: $(TRITON_VENV)/.installed
+
+test: install triton-env
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: install
+test-all: install triton-env
 	$(PY) -m pytest -q
 
 lint: install
