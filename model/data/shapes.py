@@ -151,12 +151,68 @@ def _overlap_ok(box: np.ndarray, boxes: list[np.ndarray], max_cover: float) -> b
     return True
 
 
+_SUPERSAMPLE = 4
+
+
+def _paint_polygon(img: np.ndarray, outline: np.ndarray, colour: tuple[float, float, float]) -> None:
+    """Fill `outline` (continuous coordinates: pixel i spans [i, i+1]) into `img` with exact-coverage antialiasing.
+
+    cv2's LINE_AA polygons spill up to a pixel beyond the true edge, which would make boxes loose; instead the
+    shape is rasterised without AA at 4x resolution inside its box and averaged down to a coverage mask.
+    """
+    h, w = img.shape[:2]
+    x0, y0 = int(math.floor(outline[:, 0].min())), int(math.floor(outline[:, 1].min()))
+    x1, y1 = min(w, int(math.ceil(outline[:, 0].max()))), min(h, int(math.ceil(outline[:, 1].max())))
+    s = _SUPERSAMPLE
+    mask = np.zeros(((y1 - y0) * s, (x1 - x0) * s), np.uint8)
+    # cv2 puts a pixel's centre at its integer index, so continuous c maps to c*s - 0.5 (x16 for shift=4).
+    pts = np.round(((outline - (x0, y0)) * s - 0.5) * 16).astype(np.int32).reshape(-1, 1, 2)
+    cv2.fillPoly(mask, [pts], 255, cv2.LINE_8, shift=4)
+    alpha = cv2.resize(mask, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA).astype(np.float32)[..., None] / 255
+    patch = img[y0:y1, x0:x1].astype(np.float32)
+    img[y0:y1, x0:x1] = np.clip(patch * (1 - alpha) + np.array(colour, np.float32) * alpha + 0.5, 0, 255).astype(
+        np.uint8)
+
+
 @dataclass
 class ShapeObject:
     label: int
     box: np.ndarray  # xyxy float
     polygon: np.ndarray  # (K, 2) outline used for segmentation and area
     area: float
+
+
+def draw_shapes_on(img: np.ndarray, rng: np.random.Generator, cfg: ShapesConfig) -> list[ShapeObject]:
+    """Draw 1..max_objects shapes into `img` (in place) and return them; each lies wholly inside the image."""
+    h, w = img.shape[:2]
+    objects: list[ShapeObject] = []
+    n_target = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    min_r = cfg.min_object_px / 2
+    max_r = max(min_r * 1.5, cfg.max_object_frac * min(h, w) / 2)
+    for _ in range(n_target * 6):  # rejection sampling for placement; bounded attempts
+        if len(objects) >= n_target:
+            break
+        label = int(rng.integers(len(SHAPE_CLASSES)))
+        r = float(math.exp(rng.uniform(math.log(min_r), math.log(max_r))))  # log-uniform: small to large
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        outline = _shape_outline(label, cx, cy, r, rng)
+        if outline is None:
+            box = np.array([cx - r, cy - r, cx + r, cy + r])
+            outline = _regular_polygon(cx, cy, r, 64, 0.0)
+        else:
+            box = np.array([*outline.min(0), *outline.max(0)])
+        # The whole shape inside the image: annotated boxes are never truncated guesses.
+        if box[0] < 0 or box[1] < 0 or box[2] > w - 1 or box[3] > h - 1:
+            continue
+        if not _overlap_ok(box, [o.box for o in objects], cfg.max_cover):
+            continue
+        x0, y0, x1, y1 = (int(v) for v in box)
+        local = img[y0:y1 + 1, x0:x1 + 1].reshape(-1, 3).mean(0)
+        colour = tuple(float(c) for c in _contrasting_colour(rng, local))
+        _paint_polygon(img, outline, colour)
+        area = float(abs(cv2.contourArea(outline.astype(np.float32))))
+        objects.append(ShapeObject(label, box.astype(np.float32), outline, area))
+    return objects
 
 
 def draw_shapes_image(
@@ -172,45 +228,16 @@ def draw_shapes_image(
         img = _texture_background(rng, h, w)
     img = np.ascontiguousarray(img)
 
-    objects: list[ShapeObject] = []
-    n_target = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    min_r = cfg.min_object_px / 2
-    max_r = max(min_r * 1.5, cfg.max_object_frac * min(h, w) / 2)
-    for _ in range(n_target * 6):  # rejection sampling for placement; bounded attempts
-        if len(objects) >= n_target:
-            break
-        label = int(rng.integers(len(SHAPE_CLASSES)))
-        r = float(math.exp(rng.uniform(math.log(min_r), math.log(max_r))))  # log-uniform: small to large
-        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-        outline = _shape_outline(label, cx, cy, r, rng)
-        if outline is None:
-            box = np.array([cx - r, cy - r, cx + r, cy + r])
-            outline = _regular_polygon(cx, cy, r, 48, 0.0)
-        else:
-            box = np.array([*outline.min(0), *outline.max(0)])
-        # The whole shape inside the image: annotated boxes are never truncated guesses.
-        if box[0] < 0 or box[1] < 0 or box[2] > w - 1 or box[3] > h - 1:
-            continue
-        if not _overlap_ok(box, [o.box for o in objects], cfg.max_cover):
-            continue
-        x0, y0, x1, y1 = (int(v) for v in box)
-        local = img[y0:y1 + 1, x0:x1 + 1].reshape(-1, 3).mean(0)
-        colour = tuple(float(c) for c in _contrasting_colour(rng, local))
-        if SHAPE_CLASSES[label] == "circle":
-            # Sub-pixel centre/radius (shift=4) so the drawn disc matches the float box.
-            cv2.circle(img, (int(round(cx * 16)), int(round(cy * 16))), int(round(r * 16)), colour, -1,
-                       cv2.LINE_AA, shift=4)
-        else:
-            pts = np.round(outline * 16).astype(np.int32).reshape(-1, 1, 2)
-            cv2.fillPoly(img, [pts], colour, cv2.LINE_AA, shift=4)
-        area = float(abs(cv2.contourArea(outline.astype(np.float32))))
-        objects.append(ShapeObject(label, box.astype(np.float32), outline, area))
+    objects = draw_shapes_on(img, rng, cfg)
 
     # Mild sensor noise and blur so edges are not perfectly synthetic.
     if rng.random() < 0.5:
         img = cv2.GaussianBlur(img, (3, 3), rng.uniform(0.3, 1.0))
-    noise = rng.normal(0, rng.uniform(0, 6), size=img.shape).astype(np.float32)
-    img = np.clip(img.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+    sigma = np.float32(rng.uniform(0, 6))
+    noisy = rng.standard_normal(size=img.shape, dtype=np.float32)
+    noisy *= sigma
+    noisy += img
+    img = np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
     return img, objects
 
 
