@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from model.cli import add_detect
+from service.commands import add_client, add_serve
 from model.data.cli import add_make_shapes_dataset
 from model.export_cli import add_export
 from model.train.cli import add_eval, add_train
@@ -14,6 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rtmdet", description="RTMDet detection: run, train, serve")
     sub = parser.add_subparsers(dest="command", required=True)
     add_detect(sub)
+    add_serve(sub)
+    add_client(sub)
     add_make_shapes_dataset(sub)
     add_train(sub)
     add_eval(sub)

@@ -1,0 +1,288 @@
+"""Dynamic batcher: many concurrent requests in, one inference thread running batches.
+
+Requests are *admitted* first (a bounded count: when `max_queue_size` requests are already waiting,
+the next is refused at once with `QueueFull`), then decoded and letterboxed elsewhere, then queued
+here. One worker thread takes the first queued request, adds whatever else is queued, and waits up
+to `max_queue_delay` for more only while admitted requests are still on their way (being decoded):
+with nothing coming, a lone request runs at once instead of paying the delay. Requests whose
+deadline passed, or whose caller gave up, are dropped before inference. An exception in a batch
+fails only that batch's requests; the worker carries on.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from model.inference.detector import Detections
+from model.inference.preprocess import LetterboxInfo
+from service.backends import Backend
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+# Post-processing runs once per batch at the lowest threshold asked, without a per-image cut, and each
+# request is filtered afterwards. Class-aware NMS is greedy by score, so boxes under a request's
+# threshold, or of classes it did not ask for, never change which of its boxes survive: the result
+# equals running the detector with that request's own settings.
+_NO_CUT = 1_000_000
+
+
+class QueueFull(RuntimeError):
+    """The queue holds `max_queue_size` requests already (HTTP 503, gRPC RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request's deadline passed before its batch ran (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
+
+
+class BatchFailed(RuntimeError):
+    """Inference raised for the batch this request was in (HTTP 500, gRPC INTERNAL)."""
+
+
+class NotAccepting(RuntimeError):
+    """The batcher is stopped (HTTP 503, gRPC UNAVAILABLE)."""
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """Per-request post-processing choices."""
+
+    score_threshold: float
+    max_detections: int
+    class_ids: frozenset[int] | None = None  # None: every class
+
+
+@dataclass
+class StageTimes:
+    """Seconds per stage for one request; inference and postprocess are its batch's."""
+
+    decode: float = 0.0
+    preprocess: float = 0.0
+    queue_wait: float = 0.0
+    inference: float = 0.0
+    postprocess: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass
+class _Job:
+    batch: torch.Tensor  # (1, S, S, 3) uint8
+    info: LetterboxInfo
+    params: DetectParams
+    deadline: float | None  # time.monotonic() value
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    times: StageTimes
+    ticket: Ticket
+    enqueued_at: float = field(default_factory=time.monotonic)
+    abandoned: bool = False  # the caller stopped waiting (deadline or cancellation)
+
+
+class Ticket:
+    """A place in the queue, held from admission until the worker takes the request."""
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self._batcher = batcher
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._batcher._release_slot()
+
+
+_STOP = object()
+
+
+def filter_detections(dets: Detections, params: DetectParams) -> Detections:
+    """Score threshold, then classes, then the best `max_detections` (rows are sorted by score)."""
+    keep = dets.scores > params.score_threshold
+    if params.class_ids is not None:
+        keep &= np.isin(dets.labels, np.fromiter(params.class_ids, dtype=np.int64))
+    idx = np.flatnonzero(keep)[: params.max_detections]
+    return Detections(dets.boxes[idx], dets.scores[idx], dets.labels[idx], [dets.class_names[i] for i in idx])
+
+
+class DynamicBatcher:
+    def __init__(self, backend: Backend, metrics: ServiceMetrics, max_batch_size: int = 8,
+                 max_queue_delay_s: float = 0.002, max_queue_size: int = 64) -> None:
+        self.backend = backend
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._admitted = 0  # admitted and not yet taken into a batch
+        self._accepting = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._accepting = True
+            self._thread = threading.Thread(target=self._work, name="rtmdet-inference", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish the queued ones, end the worker."""
+        self._accepting = False
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- the request side (event loop) -------------------------------------------------------------
+    def admit(self) -> Ticket:
+        with self._lock:
+            if not self._accepting:
+                raise NotAccepting("the service is not accepting requests")
+            if self._admitted >= self.max_queue_size:
+                self.metrics.rejected.inc()
+                raise QueueFull(f"queue full ({self.max_queue_size} requests waiting); retry later")
+            self._admitted += 1
+            self.metrics.queue_depth.set(self._admitted)
+        return Ticket(self)
+
+    def _release_slot(self) -> None:
+        with self._lock:
+            self._admitted -= 1
+            self.metrics.queue_depth.set(self._admitted)
+
+    async def submit(self, ticket: Ticket, batch: torch.Tensor, info: LetterboxInfo, params: DetectParams,
+                     deadline: float | None, times: StageTimes) -> Detections:
+        """Queue one preprocessed image; wait for its detections (or the deadline)."""
+        loop = asyncio.get_running_loop()
+        job = _Job(batch, info, params, deadline, loop.create_future(), loop, times, ticket)
+        self._queue.put(job)
+        try:
+            if deadline is None:
+                return await job.future
+            return await asyncio.wait_for(job.future, max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            job.abandoned = True
+            raise DeadlineExceeded("deadline exceeded while waiting for inference") from None
+        except asyncio.CancelledError:
+            job.abandoned = True
+            raise
+
+    # -- the worker thread -------------------------------------------------------------------------
+    def _take(self, job: _Job) -> None:
+        job.ticket.release()
+
+    def _more_on_the_way(self) -> bool:
+        with self._lock:
+            return self._admitted > 0
+
+    def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
+        batch, stop = [first], False
+        self._take(first)
+        until = time.monotonic() + self.max_queue_delay_s
+        while len(batch) < self.max_batch_size:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = until - time.monotonic()
+                if remaining <= 0 or not self._more_on_the_way():
+                    break
+                try:
+                    job = self._queue.get(timeout=min(remaining, 0.0005))
+                except queue.Empty:
+                    continue
+            if job is _STOP:
+                stop = True
+                break
+            self._take(job)
+            batch.append(job)
+        return batch, stop
+
+    def _work(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch, stop = self._gather(first)
+            try:
+                self._run_batch(batch)
+            except Exception:  # never let the worker die; _run_batch already answered the requests
+                log.exception("unexpected error in the batch worker")
+        # Stopped: anything still queued (nothing, after a proper drain) gets an answer, not silence.
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not _STOP:
+                self._take(job)
+                self._fail(job, NotAccepting("the service stopped before this request ran"))
+
+    def _live_jobs(self, batch: Sequence[_Job]) -> list[_Job]:
+        now, live = time.monotonic(), []
+        for job in batch:
+            if job.abandoned or job.future.cancelled():
+                self.metrics.dropped.labels(reason="expired" if job.deadline and now >= job.deadline
+                                            else "cancelled").inc()
+            elif job.deadline is not None and now >= job.deadline:
+                self.metrics.dropped.labels(reason="expired").inc()
+                self._fail(job, DeadlineExceeded("deadline exceeded while queued; dropped before inference"))
+            else:
+                job.times.queue_wait = now - job.enqueued_at
+                self.metrics.observe_stage("queue_wait", job.times.queue_wait)
+                live.append(job)
+        return live
+
+    def _run_batch(self, batch: Sequence[_Job]) -> None:
+        live = self._live_jobs(batch)
+        if not live:
+            return
+        try:
+            t0 = time.perf_counter()
+            stacked = live[0].batch if len(live) == 1 else torch.cat([j.batch for j in live])
+            cls_scores, bbox_preds = self.backend.forward(stacked)
+            t1 = time.perf_counter()
+            cfg = replace(self.backend.test_config, score_thr=min(j.params.score_threshold for j in live),
+                          max_per_img=_NO_CUT)
+            results = self.backend.postprocess(cls_scores, bbox_preds, [j.info for j in live], cfg)
+            t2 = time.perf_counter()
+        except Exception as exc:
+            self.metrics.batch_failures.inc()
+            log.exception("inference failed for a batch of %d", len(live))
+            err = BatchFailed(f"inference failed: {type(exc).__name__}: {exc}")
+            for job in live:
+                self._fail(job, err)
+            return
+        self.metrics.batch_size.observe(len(live))
+        self.metrics.observe_stage("inference", t1 - t0)
+        self.metrics.observe_stage("postprocess", t2 - t1)
+        for job, dets in zip(live, results):
+            job.times.inference, job.times.postprocess, job.times.batch_size = t1 - t0, t2 - t1, len(live)
+            self._resolve(job, filter_detections(dets, job.params))
+
+    @staticmethod
+    def _resolve(job: _Job, value: Detections) -> None:
+        def set_result() -> None:
+            if not job.future.done():
+                job.future.set_result(value)
+        job.loop.call_soon_threadsafe(set_result)
+
+    @staticmethod
+    def _fail(job: _Job, exc: BaseException) -> None:
+        def set_exception() -> None:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            job.loop.call_soon_threadsafe(set_exception)

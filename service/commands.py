@@ -1,0 +1,91 @@
+"""The service's `rtmdet` sub-commands: `serve` and `client` (registered in service/cli.py).
+
+Heavy imports happen inside the commands, so `rtmdet --help` and `rtmdet detect` stay quick.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from model.config import SIZES
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve detection over HTTP and gRPC (flags override RTMDET_* settings)")
+    p.add_argument("--host")
+    p.add_argument("--http-port", type=int)
+    p.add_argument("--grpc-port", type=int)
+    p.add_argument("--weights", type=Path)
+    p.add_argument("--size", choices=SIZES)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=run_serve)
+
+
+def settings_from_args(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from service.settings import ServiceSettings
+
+    overrides = {k: v for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
+                                   "weights": args.weights, "size": args.size, "device": args.device}.items()
+                 if v is not None}
+    try:
+        return ServiceSettings(**overrides)
+    except ValidationError as exc:
+        raise SystemExit(f"rtmdet serve: bad settings:\n{exc}") from None
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from service.server import run
+
+    return run(settings_from_args(args))
+
+
+def add_client(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="send an image to a running `rtmdet serve` and print the JSON")
+    p.add_argument("image", type=Path)
+    p.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP base URL")
+    p.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
+    p.add_argument("--api-key", default=os.environ.get("RTMDET_API_KEY"))
+    p.add_argument("--score-threshold", type=float)
+    p.add_argument("--max-detections", type=int)
+    p.add_argument("--classes", nargs="*")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    p.set_defaults(func=run_client)
+
+
+def run_client(args: argparse.Namespace) -> int:
+    params = dict(score_threshold=args.score_threshold, max_detections=args.max_detections, classes=args.classes)
+    try:
+        if args.grpc:
+            import grpc
+
+            from service.client import GrpcDetectorClient
+            try:
+                with GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout) as c:
+                    result = c.detect(args.image, **params)
+            except grpc.RpcError as exc:
+                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+        else:
+            import httpx
+
+            from service.client import HttpDetectorClient
+            try:
+                with HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout) as c:
+                    result = c.detect(args.image, **params)
+            except httpx.HTTPStatusError as exc:
+                print(f"error: HTTP {exc.response.status_code}: {exc.response.text}", file=sys.stderr)
+                return 1
+            except httpx.HTTPError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0

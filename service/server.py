@@ -1,0 +1,84 @@
+"""`rtmdet serve`: HTTP (uvicorn) and gRPC (grpc.aio) in one asyncio loop, over one batcher.
+
+Start-up: both servers listen at once (/healthz answers, /readyz and gRPC health say "not yet"),
+the model loads and warms in a thread, then readiness turns on. SIGTERM/SIGINT: readiness turns
+off, both servers stop accepting, every request already accepted is answered, the batcher's worker
+ends, and the process exits 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import uvicorn
+
+from service.grpc_api import create_grpc_server, set_serving
+from service.http_api import create_app
+from service.pipeline import DetectionService
+from service.settings import ServiceSettings
+
+log = logging.getLogger("rtmdet.serve")
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: this module owns SIGTERM for both protocols."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def serve(settings: ServiceSettings) -> int:
+    service = DetectionService(settings)
+    app = create_app(service, manage_lifecycle=False)
+    grpc_server, health, grpc_port = create_grpc_server(service, f"{settings.host}:{settings.grpc_port}")
+    await set_serving(health, False)
+    config = uvicorn.Config(app, host=settings.host, port=settings.http_port, lifespan="off", log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1))
+    http = _UvicornServer(config)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    await grpc_server.start()
+    http_task = asyncio.create_task(http.serve())
+    load_task = service.start()
+    stop_task = asyncio.create_task(stop.wait())
+    print(f"rtmdet serve: http://{settings.host}:{settings.http_port} grpc {settings.host}:{grpc_port} "
+          f"(loading {settings.weights})", flush=True)
+
+    exit_code = 0
+    done, _ = await asyncio.wait({load_task, http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    if load_task in done and load_task.exception() is None:
+        await set_serving(health, True)
+        print(f"rtmdet serve: ready ({service.describe()['name']} on {service.describe()['device']})", flush=True)
+        done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    elif load_task in done:
+        print(f"rtmdet serve: error: model failed to load: {service.start_error}", file=sys.stderr, flush=True)
+        exit_code = 2
+    if http_task in done and not stop.is_set():
+        exc = http_task.exception()
+        print(f"rtmdet serve: error: HTTP server stopped: {exc or 'could not start'}", file=sys.stderr, flush=True)
+        exit_code = exit_code or 1
+
+    # Drain: stop taking new work on both protocols, answer what was accepted, then stop the worker.
+    service.draining = True
+    await health.enter_graceful_shutdown()
+    http.should_exit = True
+    await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), http_task, return_exceptions=True)
+    if not load_task.done():
+        load_task.cancel()
+    await asyncio.to_thread(service.shutdown)
+    stop_task.cancel()
+    print("rtmdet serve: stopped", flush=True)
+    return exit_code
+
+
+def run(settings: ServiceSettings) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(settings))
