@@ -123,6 +123,8 @@ class DetectionService:
     # -- requests ----------------------------------------------------------------------------------
     def params(self, score_threshold: float | None = None, max_detections: int | None = None,
                classes: Sequence[str] | None = None) -> DetectParams:
+        if not self._info:
+            raise NotAccepting("the model is still loading")
         s = self.settings
         thr = s.score_threshold if score_threshold is None else float(score_threshold)
         if not 0.0 <= thr <= 1.0:
