@@ -53,8 +53,23 @@ def _io_specs(onnx_path: Path) -> tuple[list[tuple[str, str, list[int]]], list[t
     return specs(graph.input), specs(graph.output)
 
 
+def _metadata(onnx_path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+
+
+def _pbtxt_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def triton_config_pbtxt(onnx_path: str | os.PathLike, cfg: TritonModelConfig) -> str:
+    """The model configuration. The ONNX file's `rtmdet.*` metadata (classes, size, strides, layout) goes
+    into `parameters`, where a client reads it back with the model config: Triton does not expose ONNX metadata."""
     inputs, outputs = _io_specs(Path(onnx_path))
+    params = dict(_metadata(Path(onnx_path)))
+    if cfg.backend == "python":
+        params["onnx_file"] = "model.onnx"  # the Python-backend model finds its ONNX file next to model.py
 
     def block(kind: str, specs) -> str:
         items = ",\n".join(f'  {{ name: "{n}" data_type: {t} dims: [ {", ".join(map(str, d))} ] }}'
@@ -74,9 +89,8 @@ def triton_config_pbtxt(onnx_path: str | os.PathLike, cfg: TritonModelConfig) ->
         "}",
         f"instance_group [ {{ count: {cfg.instance_count} kind: {cfg.instance_kind} }} ]",
     ]
-    if cfg.backend == "python":
-        # The Python-backend model finds its ONNX file next to model.py.
-        lines.append('parameters { key: "onnx_file" value: { string_value: "model.onnx" } }')
+    lines += [f"parameters {{ key: {_pbtxt_string(k)} value: {{ string_value: {_pbtxt_string(v)} }} }}"
+              for k, v in sorted(params.items())]
     return "\n".join(line for line in lines if line) + "\n"
 
 

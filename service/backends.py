@@ -14,7 +14,8 @@ reuse the CPU pre- and post-processing and replace only `forward`:
 - `warmup(batch_sizes)`: pay lazy allocations before traffic.
 - `test_config`: the `TestConfig` the backend was built with (input size, NMS settings).
 
-`RTMDET_BACKEND` picks one: `torch` (in-process `model.Detector`) exists; `onnx` and `triton` are planned.
+`RTMDET_BACKEND` picks one: `torch` (in-process `model.Detector`), `onnx` (`service.backends_onnx`) or
+`triton` (`service.backends_triton`).
 """
 from __future__ import annotations
 
@@ -101,4 +102,10 @@ class TorchBackend:
 def create_backend(settings: ServiceSettings) -> Backend:
     if settings.backend == "torch":
         return TorchBackend.from_settings(settings)
+    if settings.backend == "onnx":
+        from service.backends_onnx import OnnxBackend
+        return OnnxBackend.from_settings(settings)
+    if settings.backend == "triton":
+        from service.backends_triton import TritonBackend
+        return TritonBackend.from_settings(settings)
     raise BackendUnavailable(f"backend {settings.backend!r} is not available yet; use RTMDET_BACKEND=torch")

@@ -1,0 +1,135 @@
+"""RTMDET_BACKEND=onnx: an `rtmdet export` file (heads or decoded) and an MMDeploy-style end-to-end file
+(float NCHW input, dets/labels with NMS inside, fixed batch 1) give the PyTorch detector's detections,
+in-process and through a real `rtmdet serve`."""
+import httpx
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import batched_nms
+
+from model import Detector, TestConfig
+from model.boxes import distance2bbox, grid_priors
+from model.checkpoint import read_checkpoint
+from model.export import export_onnx
+from model.nn.rtmdet import build_rtmdet, fused_for_inference
+from service.backends_onnx import OnnxBackend
+from tests.service.svc_helpers import CLASS_NAMES, ServerProcess, jpeg, make_test_checkpoint
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    path = make_test_checkpoint(tmp_path_factory.mktemp("w") / "tiny3.pth")
+    m = build_rtmdet("tiny", num_classes=3)
+    m.load_state_dict(read_checkpoint(path)[0])
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from skimage import data
+
+    return [np.ascontiguousarray(im[..., ::-1]) for im in (data.astronaut(), data.coffee()[:300, :200], data.chelsea())]
+
+
+@pytest.fixture(scope="module")
+def reference(net, photos):
+    detector = Detector(net, CLASS_NAMES, device="cpu", test_cfg=TestConfig.serving(input_size=SIZE))
+    dets = detector(photos)
+    assert all(len(d) > 3 for d in dets)  # enough boxes for the comparison to mean something
+    return dets
+
+
+def assert_same(got, want, box_atol=0.05):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.labels.tolist() == w.labels.tolist()
+        assert g.class_names == w.class_names
+        np.testing.assert_allclose(g.scores, w.scores, atol=1e-4)
+        np.testing.assert_allclose(g.boxes, w.boxes, atol=box_atol)
+
+
+def run(backend, photos):
+    batch, infos = backend.preprocess(photos)
+    return backend.postprocess(*backend.forward(batch), infos)
+
+
+@pytest.mark.parametrize("layout", ["heads", "decoded"])
+def test_rtmdet_export_gives_the_pytorch_detections(net, photos, reference, layout, tmp_path):
+    path = tmp_path / f"{layout}.onnx"
+    export_onnx(net, path, CLASS_NAMES, input_size=SIZE, layout=layout, dynamic_batch=True)
+    backend = OnnxBackend(path, TestConfig.serving(input_size=SIZE))
+    assert backend.layout == layout and backend.class_names == CLASS_NAMES
+    assert_same(run(backend, photos), reference)
+    info = backend.describe()
+    assert info["backend"] == "onnx" and info["input_size"] == SIZE and info["size"] == "tiny"
+
+
+class MMDeployStyleEndToEnd(nn.Module):
+    """What an MMDeploy end-to-end ONNX looks like from outside: normalised float (1,3,S,S) `input`,
+    `dets` (1,K,5) and `labels` (1,K) after class-aware NMS, padded with zero rows to K."""
+
+    def __init__(self, net, size: int, keep: int = 100, iou: float = 0.65) -> None:
+        super().__init__()
+        self.net, self.keep, self.iou = net, keep, iou
+        sizes = [(size // s, size // s) for s in net.bbox_head.strides]
+        self.register_buffer("priors", grid_priors(sizes, net.bbox_head.strides)[:, :2])
+
+    def forward(self, x):
+        cls, reg = self.net(x)
+        c = cls[0].shape[1]
+        scores = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, c) for t in cls]).sigmoid()
+        boxes = distance2bbox(self.priors, torch.cat([t.permute(0, 2, 3, 1).reshape(-1, 4) for t in reg]))
+        flat = scores.reshape(-1)
+        top, idx = flat.topk(1000)
+        box, label = boxes[idx // c], idx % c
+        kept = batched_nms(box, top, label, self.iou)
+        dets = torch.cat([box[kept], top[kept, None]], 1)
+        dets = torch.cat([dets, torch.zeros(self.keep, 5)])[: self.keep]
+        labels = torch.cat([label[kept], torch.zeros(self.keep, dtype=torch.int64)])[: self.keep]
+        return dets[None], labels[None]
+
+
+def test_mmdeploy_end_to_end_file_gives_the_pytorch_detections(net, photos, reference, tmp_path):
+    path = tmp_path / "end2end.onnx"
+    e2e = MMDeployStyleEndToEnd(fused_for_inference(net), SIZE).eval()
+    torch.onnx.export(e2e, (torch.zeros(1, 3, SIZE, SIZE),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["dets", "labels"])
+    backend = OnnxBackend(path, TestConfig.serving(input_size=640), class_names=CLASS_NAMES)
+    assert backend.layout == "mmdeploy" and backend.float_input and backend.fixed_batch == 1
+    assert backend.test_config.input_size == SIZE  # taken from the file's fixed input shape
+    # Three images through a batch-1 file: run in chunks, results in order.
+    assert_same(run(backend, photos), reference, box_atol=0.1)
+
+
+def test_unknown_outputs_are_refused(tmp_path):
+    path = tmp_path / "other.onnx"
+    torch.onnx.export(nn.Conv2d(3, 2, 1), (torch.zeros(1, 3, 8, 8),), str(path), dynamo=False,
+                      input_names=["x"], output_names=["y"])
+    with pytest.raises(ValueError, match="unrecognised ONNX outputs"):
+        OnnxBackend(path)
+
+
+def test_service_serves_an_onnx_file(net, photos, reference, tmp_path):
+    path = tmp_path / "heads.onnx"
+    export_onnx(net, path, CLASS_NAMES, input_size=SIZE, dynamic_batch=True)
+    srv = ServerProcess(path, tmp_path / "server.log", RTMDET_BACKEND="onnx", RTMDET_INPUT_SIZE=str(SIZE),
+                        RTMDET_MAX_BATCH_SIZE="4")
+    try:
+        srv.wait_ready(timeout=120)
+        model_info = httpx.get(f"{srv.http}/v1/model", timeout=10).json()
+        assert model_info["backend"] == "onnx" and model_info["classes"] == CLASS_NAMES
+        image = photos[2]
+        body = httpx.post(f"{srv.http}/detect", content=jpeg(image, 100), headers={"content-type": "image/jpeg"},
+                          timeout=30).json()
+        import cv2
+
+        decoded = cv2.imdecode(np.frombuffer(jpeg(image, 100), np.uint8), cv2.IMREAD_COLOR)
+        (want,) = Detector(net, CLASS_NAMES, device="cpu", test_cfg=TestConfig.serving(input_size=SIZE))([decoded])
+        got = body["detections"]
+        assert [d["class_name"] for d in got] == want.class_names[: len(got)] and len(got) > 3
+        np.testing.assert_allclose([d["box"] for d in got], want.boxes[: len(got)], atol=0.05)
+    finally:
+        srv.stop()
