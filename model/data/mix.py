@@ -64,7 +64,7 @@ def mosaic(samples: Sequence[Sample], img_scale: int, center: tuple[int, int], p
         h0, w0 = sample.img.shape[:2]
         ratio = min(s / h0, s / w0)
         w, h = max(1, int(w0 * ratio)), max(1, int(h0 * ratio))
-        img = cv2.resize(sample.img, (w, h), interpolation=cv2.INTER_LINEAR)
+        img = sample.img if (w, h) == (w0, h0) else cv2.resize(sample.img, (w, h), interpolation=cv2.INTER_LINEAR)
         if loc == "top_left":
             x1, y1, x2, y2 = max(cx - w, 0), max(cy - h, 0), cx, cy
             crop = (w - (x2 - x1), h - (y2 - y1), w, h)
@@ -96,28 +96,38 @@ def mixup(dest: Sample, src: Sample, img_scale: int, jitter: float, flip: bool, 
     """
     th, tw = dest.img.shape[:2]
     h0, w0 = src.img.shape[:2]
-    out = np.full((img_scale, img_scale, 3), pad_value, np.uint8)
     ratio = min(img_scale / h0, img_scale / w0)
     rw, rh = max(1, int(w0 * ratio)), max(1, int(h0 * ratio))
-    out[:rh, :rw] = cv2.resize(src.img, (rw, rh), interpolation=cv2.INTER_LINEAR)
+    resized = src.img if (rw, rh) == (w0, h0) else cv2.resize(src.img, (rw, rh), interpolation=cv2.INTER_LINEAR)
+    if (rw, rh) == (img_scale, img_scale):
+        out = resized
+    else:
+        out = np.full((img_scale, img_scale, 3), pad_value, np.uint8)
+        out[:rh, :rw] = resized
     ratio *= jitter
     jw, jh = max(1, int(out.shape[1] * jitter)), max(1, int(out.shape[0] * jitter))
-    out = cv2.resize(out, (jw, jh), interpolation=cv2.INTER_LINEAR)
+    if (jw, jh) != out.shape[1::-1]:  # the official ratio_range is (1, 1): usually no second resize
+        out = cv2.resize(out, (jw, jh), interpolation=cv2.INTER_LINEAR)
     if flip:
-        out = out[:, ::-1]
+        out = cv2.flip(out, 1)  # ~10x faster than copying a reversed numpy view
     oh, ow = out.shape[:2]
-    padded = np.full((max(oh, th), max(ow, tw), 3), pad_value, np.uint8)
-    padded[:oh, :ow] = out
-    y_off = int(offset_rng.integers(0, padded.shape[0] - th + 1))
-    x_off = int(offset_rng.integers(0, padded.shape[1] - tw + 1))
-    patch = padded[y_off:y_off + th, x_off:x_off + tw]
+    if (oh, ow) == (th, tw):
+        patch = out
+        x_off = y_off = 0
+    else:
+        padded = np.full((max(oh, th), max(ow, tw), 3), pad_value, np.uint8)
+        padded[:oh, :ow] = out
+        y_off = int(offset_rng.integers(0, padded.shape[0] - th + 1))
+        x_off = int(offset_rng.integers(0, padded.shape[1] - tw + 1))
+        patch = padded[y_off:y_off + th, x_off:x_off + tw]
 
     boxes = clip_boxes(src.boxes * np.float32(ratio), ow, oh)
     if flip:
         boxes = hflip_boxes(boxes, ow)
     boxes = clip_boxes(boxes - np.array([x_off, y_off, x_off, y_off], np.float32), tw, th)
-    # Same arithmetic as mmdet: 0.5*a + 0.5*b in float, truncated back to uint8.
-    img = (0.5 * dest.img.astype(np.float32) + 0.5 * patch.astype(np.float32)).astype(np.uint8)
+    # mmdet computes 0.5*a + 0.5*b in float and truncates; cv2.addWeighted rounds instead (at most 1 level apart)
+    # and is several times faster on uint8.
+    img = cv2.addWeighted(dest.img, 0.5, np.ascontiguousarray(patch), 0.5, 0.0)
     all_boxes = np.concatenate([dest.boxes, boxes]).astype(np.float32)
     all_labels = np.concatenate([dest.labels, src.labels]).astype(np.int64)
     all_boxes, all_labels = _keep_nonempty(all_boxes, all_labels)

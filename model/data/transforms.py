@@ -131,7 +131,7 @@ class RandomFlip(RandomTransform):
         if self.rng.random() >= self.prob:
             return sample
         w = sample.img.shape[1]
-        return sample.replace(img=np.ascontiguousarray(sample.img[:, ::-1]), boxes=hflip_boxes(sample.boxes, w))
+        return sample.replace(img=cv2.flip(sample.img, 1), boxes=hflip_boxes(sample.boxes, w))
 
 
 class Pad:
