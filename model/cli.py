@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from model.config import SIZES, TestConfig
+from model.config import SIZES
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_tiny_shapes.pth"
 
@@ -22,7 +22,7 @@ def add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", default="tiny", choices=SIZES)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--score-thr", type=float, default=0.3)
-    p.add_argument("--img-size", type=int, default=640)
+    p.add_argument("--img-size", type=int, default=None, help="letterbox size (default: the training size)")
     p.add_argument("--fp16", action="store_true", help="half precision (CUDA only)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, help="directory for copies of the images with boxes drawn")
@@ -35,12 +35,11 @@ def run_detect(args: argparse.Namespace) -> int:
     from model.render import draw_detections
 
     try:
-        detector = Detector.from_checkpoint(args.weights, size=args.size, device=args.device, fp16=args.fp16,
-                                            test_cfg=TestConfig.serving(score_thr=args.score_thr,
-                                                                        input_size=args.img_size))
+        detector = Detector.from_checkpoint(args.weights, size=args.size, device=args.device, fp16=args.fp16)
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    detector.cfg = detector.with_config(score_thr=args.score_thr, input_size=args.img_size or detector.input_size)
     results = []
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]

@@ -86,7 +86,8 @@ class Detector:
     def from_checkpoint(cls, path: str | os.PathLike, size: str = "tiny", device: str | torch.device | None = None,
                         classes: Sequence[str] | None = None, **kwargs) -> Detector:
         """Build the network for `size`, load `path` strictly; class names from the argument, else
-        the checkpoint's meta, else COCO's (the number of classes follows the checkpoint)."""
+        the checkpoint's meta, else COCO's (the number of classes follows the checkpoint). Without a
+        `test_cfg`, serving thresholds at the checkpoint's training size (meta `img_size`, else 640)."""
         state, meta = read_checkpoint(path)
         num_classes = infer_num_classes(state) or 80
         model = build_rtmdet(size, num_classes=num_classes)
@@ -94,6 +95,9 @@ class Detector:
         names = list(classes) if classes is not None else class_names_from_meta(meta)
         if names is None and num_classes != 80:
             names = [f"class_{i}" for i in range(num_classes)]
+        if kwargs.get("test_cfg") is None:
+            # A model trained at a small size (meta `img_size`) is served at that size unless told otherwise.
+            kwargs["test_cfg"] = TestConfig.serving(input_size=int(meta.get("img_size", 640)))
         return cls(model, names, device=device, weights_sha256=file_sha256(path), **kwargs)
 
     @property
