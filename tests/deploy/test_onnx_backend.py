@@ -42,6 +42,17 @@ def reference(net, photos):
     return dets
 
 
+@pytest.fixture(scope="module")
+def exported(net, tmp_path_factory):
+    """One file per layout; onnxruntime-vs-PyTorch parity of the files themselves is tests/model/test_export.py's."""
+    tmp = tmp_path_factory.mktemp("onnx")
+    paths = {}
+    for layout in ("heads", "decoded"):
+        paths[layout] = tmp / f"{layout}.onnx"
+        export_onnx(net, paths[layout], CLASS_NAMES, input_size=SIZE, layout=layout, dynamic_batch=True, check=False)
+    return paths
+
+
 def assert_same(got, want, box_atol=0.05):
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -57,10 +68,8 @@ def run(backend, photos):
 
 
 @pytest.mark.parametrize("layout", ["heads", "decoded"])
-def test_rtmdet_export_gives_the_pytorch_detections(net, photos, reference, layout, tmp_path):
-    path = tmp_path / f"{layout}.onnx"
-    export_onnx(net, path, CLASS_NAMES, input_size=SIZE, layout=layout, dynamic_batch=True)
-    backend = OnnxBackend(path, TestConfig.serving(input_size=SIZE))
+def test_rtmdet_export_gives_the_pytorch_detections(exported, photos, reference, layout):
+    backend = OnnxBackend(exported[layout], TestConfig.serving(input_size=SIZE))
     assert backend.layout == layout and backend.class_names == CLASS_NAMES
     assert_same(run(backend, photos), reference)
     info = backend.describe()
@@ -112,10 +121,21 @@ def test_unknown_outputs_are_refused(tmp_path):
         OnnxBackend(path)
 
 
-def test_service_serves_an_onnx_file(net, photos, reference, tmp_path):
-    path = tmp_path / "heads.onnx"
-    export_onnx(net, path, CLASS_NAMES, input_size=SIZE, dynamic_batch=True)
-    srv = ServerProcess(path, tmp_path / "server.log", RTMDET_BACKEND="onnx", RTMDET_INPUT_SIZE=str(SIZE),
+def test_rtmdet_backend_onnx_builds_an_onnx_backend_from_settings(exported, tmp_path):
+    from service.backends import create_backend
+    from service.settings import ServiceSettings
+
+    backend = create_backend(ServiceSettings(backend="onnx", weights=exported["heads"], input_size=SIZE))
+    assert isinstance(backend, OnnxBackend) and backend.class_names == CLASS_NAMES
+    from service.backends import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="cannot serve with ONNX Runtime"):
+        create_backend(ServiceSettings(backend="onnx", weights=tmp_path / "missing.onnx"))
+
+
+@pytest.mark.slow
+def test_service_serves_an_onnx_file(net, exported, photos, tmp_path):
+    srv = ServerProcess(exported["heads"], tmp_path / "server.log", RTMDET_BACKEND="onnx", RTMDET_INPUT_SIZE=str(SIZE),
                         RTMDET_MAX_BATCH_SIZE="4")
     try:
         srv.wait_ready(timeout=120)
