@@ -16,7 +16,7 @@ import numpy as np
 
 from model.inference.detector import Detections
 from service.backends import Backend, create_backend
-from service.batcher import DetectParams, DynamicBatcher, NotAccepting, StageTimes
+from service.batcher import DeadlineExceeded, DetectParams, DynamicBatcher, NotAccepting, StageTimes
 from service.imaging import decode_image, raw_to_bgr
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
@@ -161,8 +161,15 @@ class DetectionService:
         ticket = batcher.admit()  # QueueFull at once when the queue is full
         try:
             times = StageTimes()
-            image, batch, infos = await asyncio.get_running_loop().run_in_executor(
-                self.pool, self._decode_and_letterbox, decode, times)
+            try:
+                image, batch, infos = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, self._decode_and_letterbox, decode, times)
+            except asyncio.CancelledError:  # the caller went away (or its gRPC deadline passed) while decoding
+                self.metrics.dropped.labels(reason="cancelled").inc()
+                raise
+            if deadline is not None and time.monotonic() >= deadline:
+                self.metrics.dropped.labels(reason="expired").inc()
+                raise DeadlineExceeded("deadline exceeded before inference; dropped")
             return DetectOutcome(await batcher.submit(ticket, batch, infos[0], params, deadline, times), image,
                                  times, started)
         finally:
