@@ -18,11 +18,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=4, help="data loader worker processes per training process")
     p.add_argument("--val-interval", type=int, default=10, help="validate every K epochs (and after the last)")
     p.add_argument("--warmup-iters", type=int, default=1000)
+    p.add_argument("--base-lr", type=float, default=0.004, help="AdamW lr for a total batch of 256 (scaled linearly)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-amp", action="store_true", help="train in float32 on CUDA too")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across CUDA processes")
     p.add_argument("--log-interval", type=int, default=10, help="iterations per CSV/TensorBoard row")
+    p.add_argument("--save-interval", type=int, default=1, help="epochs between OUT/last.pth writes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch default)")
     p.add_argument("--max-val-images", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_train)
@@ -34,8 +37,9 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(data=args.data, out=args.out, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
                       img_size=args.img_size, stage2_epochs=args.stage2_epochs, workers=args.workers,
                       val_interval=args.val_interval, seed=args.seed, device=args.device, amp=not args.no_amp,
-                      sync_bn=args.sync_bn, resume=args.resume, warmup_iters=args.warmup_iters,
-                      log_interval=args.log_interval, max_val_images=args.max_val_images,
+                      sync_bn=args.sync_bn, resume=args.resume, warmup_iters=args.warmup_iters, base_lr=args.base_lr,
+                      log_interval=args.log_interval, save_interval=args.save_interval,
+                      threads=args.threads, max_val_images=args.max_val_images,
                       progress=not args.no_progress)
     result = train(cfg)
     if result is not None:

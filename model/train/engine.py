@@ -54,7 +54,10 @@ class TrainConfig:
     sync_bn: bool = False  # only with several CUDA processes
     resume: bool = False
     warmup_iters: int = 1000
+    base_lr: float = 0.004  # for a total batch of 256; scaled linearly with the real total batch
     log_interval: int = 10
+    save_interval: int = 1  # epochs between last.pth writes (always after the last epoch)
+    threads: int = 0  # torch CPU threads per process; 0 keeps torch's default
     val_batch_size: int = 8
     max_val_images: int | None = None
     progress: bool = True
@@ -136,6 +139,9 @@ class Trainer:
         if cfg.epochs < 1 or cfg.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         self.cfg = cfg
+        if cfg.threads > 0:
+            # On a busy CPU, OpenMP threads that wait for each other cost far more than they bring.
+            torch.set_num_threads(cfg.threads)
         self.dist, self.device = setup_distributed(cfg.device)
         seed_everything(cfg.seed)  # same initial weights on every rank
         self.out = Path(cfg.out)
@@ -154,7 +160,7 @@ class Trainer:
         model = build_rtmdet(cfg.size, num_classes=self.train_set.num_classes).to(self.device)
         self.model = model
         self.ema = ExpMomentumEMA(model)
-        self.optim_cfg = OptimConfig(warmup_iters=cfg.warmup_iters)
+        self.optim_cfg = OptimConfig(base_lr=cfg.base_lr, warmup_iters=cfg.warmup_iters)
         self.total_batch = cfg.batch_size * self.dist.world
         self.base_lr = self.optim_cfg.scaled_lr(self.total_batch)
         self.optimizer = build_optimizer(model, self.optim_cfg, self.total_batch)
@@ -258,7 +264,8 @@ class Trainer:
                         if stats["AP"] > self.best_ap:
                             self.best_ap = stats["AP"]
                             self.save(self.out / "best.pth", training_state=False)
-                    self.save(self.out / "last.pth")
+                    if self.epoch % max(cfg.save_interval, 1) == 0 or self.epoch == cfg.epochs:
+                        self.save(self.out / "last.pth")
                 if self.dist.world > 1:
                     dist.barrier()
         finally:
