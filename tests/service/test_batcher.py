@@ -1,0 +1,110 @@
+"""The batcher on its own (in-process, real model): failures stay inside their batch, filtering is exact."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from svc_helpers import free_port, png
+
+from model import Detector, TestConfig
+from service.backends import BackendUnavailable, TorchBackend, create_backend
+from service.batcher import BatchFailed, DetectParams, filter_detections
+from service.http_api import create_app
+from service.pipeline import DetectionService
+from service.settings import ServiceSettings
+
+SIZE = 160
+
+
+class FaultyBackend(TorchBackend):
+    """The real backend, with a switch that makes the next forward pass raise (fault injection)."""
+
+    fail_next = False
+
+    def forward(self, batch):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected fault")
+        return super().forward(batch)
+
+
+@pytest.fixture(scope="module")
+def detector(checkpoint):
+    return Detector.from_checkpoint(checkpoint, device="cpu", test_cfg=TestConfig.serving(input_size=SIZE))
+
+
+@pytest.fixture(scope="module")
+def service(detector, checkpoint):
+    settings = ServiceSettings(weights=checkpoint, input_size=SIZE, max_batch_size=4, max_queue_delay_ms=20,
+                               decode_threads=2, warmup=False)
+    svc = DetectionService(settings, backend=FaultyBackend(detector))
+    svc.load()
+    yield svc
+    svc.shutdown()
+
+
+def detect_many(service: DetectionService, images: list[np.ndarray], params: DetectParams) -> list:
+    async def run():
+        return await asyncio.gather(*(service.detect_encoded(png(img), params, None) for img in images),
+                                    return_exceptions=True)
+    return asyncio.run(run())
+
+
+def test_an_exception_fails_only_its_batch_and_the_worker_carries_on(service, photos):
+    imgs = [photos["coffee"]] * 3
+    params = service.params()
+    service.backend.fail_next = True
+    failed = detect_many(service, imgs, params)
+    assert all(isinstance(r, BatchFailed) for r in failed), failed
+    assert "injected fault" in str(failed[0])
+    ok = detect_many(service, imgs, params)
+    assert all(not isinstance(r, Exception) for r in ok)
+    assert service.metrics.batch_failures._value.get() == 1
+
+
+def test_batch_failure_is_a_500_with_its_message_over_http(service, photos):
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service, manage_lifecycle=False), host="127.0.0.1",
+                                           port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{port}/detect"
+        service.backend.fail_next = True
+        r = httpx.post(url, content=png(photos["coffee"]), headers={"Content-Type": "image/png"}, timeout=60)
+        assert r.status_code == 500 and "injected fault" in r.json()["detail"]
+        r = httpx.post(url, content=png(photos["coffee"]), headers={"Content-Type": "image/png"}, timeout=60)
+        assert r.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_per_request_filtering_equals_running_the_detector_with_those_settings(detector, photos):
+    img = photos["astronaut"]
+    low = detector([img], detector.with_config(score_thr=0.1, max_per_img=1_000_000))[0]
+    for thr, top, classes in [(0.3, 100, None), (0.31, 5, None), (0.3, 1000, {1}), (0.305, 3, {0, 1})]:
+        got = filter_detections(low, DetectParams(thr, top, frozenset(classes) if classes else None))
+        want = detector([img], detector.with_config(score_thr=thr, max_per_img=1_000_000))[0]
+        keep = [i for i, lbl in enumerate(want.labels) if classes is None or lbl in classes][:top]
+        assert len(got) == len(keep) > 0
+        np.testing.assert_array_equal(got.labels, want.labels[keep])
+        np.testing.assert_allclose(got.boxes, want.boxes[keep], atol=1e-4)
+        np.testing.assert_allclose(got.scores, want.scores[keep], atol=1e-6)
+
+
+def test_unknown_backends_say_so():
+    with pytest.raises(ValueError, match="unknown backend"):
+        ServiceSettings(backend="tensorrt")
+
+
+def test_missing_weights_is_a_clear_error(tmp_path):
+    with pytest.raises(BackendUnavailable, match="not found"):
+        create_backend(ServiceSettings(weights=tmp_path / "nope.pth"))
