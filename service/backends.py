@@ -66,13 +66,14 @@ class TorchBackend:
     def from_settings(cls, settings: ServiceSettings) -> TorchBackend:
         from model.checkpoint import CheckpointError
 
-        cfg = TestConfig.serving(score_thr=settings.score_threshold, input_size=settings.input_size,
-                                 max_per_img=settings.max_detections_limit)
         try:
             detector = Detector.from_checkpoint(settings.weights, size=settings.size, device=settings.device,
-                                                classes=settings.class_names, fp16=settings.fp16, test_cfg=cfg)
+                                                classes=settings.class_names, fp16=settings.fp16)
         except (CheckpointError, ValueError) as exc:
             raise BackendUnavailable(str(exc)) from None
+        detector.cfg = detector.with_config(score_thr=settings.score_threshold,
+                                            input_size=settings.input_size or detector.input_size,
+                                            max_per_img=settings.max_detections_limit)
         return cls(detector)
 
     def preprocess(self, images):

@@ -82,7 +82,7 @@ class OnnxBackend(ExternalNetworkBackend):
     def from_settings(cls, settings) -> OnnxBackend:
         from service.backends import BackendUnavailable
 
-        cfg = TestConfig.serving(score_thr=settings.score_threshold, input_size=settings.input_size,
+        cfg = TestConfig.serving(score_thr=settings.score_threshold, input_size=settings.input_size or 640,
                                  max_per_img=settings.max_detections_limit)
         try:
             return cls(settings.weights, cfg, settings.class_names)

@@ -83,7 +83,7 @@ class TritonBackend(ExternalNetworkBackend):
     def from_settings(cls, settings) -> TritonBackend:
         from service.backends import BackendUnavailable
 
-        cfg = TestConfig.serving(score_thr=settings.score_threshold, input_size=settings.input_size,
+        cfg = TestConfig.serving(score_thr=settings.score_threshold, input_size=settings.input_size or 640,
                                  max_per_img=settings.max_detections_limit)
         try:
             return cls(TritonSettings(), cfg, settings.class_names)

@@ -27,7 +27,8 @@ class ServiceSettings(BaseSettings):
     size: str = "tiny"
     device: str = "auto"
     fp16: bool = False
-    input_size: int = Field(640, ge=32, le=4096)
+    # None: the checkpoint's training size (meta `img_size`), else 640.
+    input_size: int | None = Field(None, ge=32, le=4096)
     class_names: list[str] | None = None  # override the checkpoint's class names
 
     # Defaults for requests that do not say.
