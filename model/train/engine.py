@@ -233,7 +233,9 @@ class Trainer:
         return {"loss": loss.detach().item(), "loss_cls": loss_cls.detach().item(),
                 "loss_bbox": loss_bbox.detach().item(), "lr": lr}
 
-    def run(self) -> dict:
+    def run(self, stop_after_epoch: int | None = None) -> dict:
+        """Train to `cfg.epochs` (or stop once `stop_after_epoch` epochs are done: a planned interruption,
+        after which `--resume` continues exactly where this left off)."""
         cfg = self.cfg
         schedule = LrSchedule.from_config(self.optim_cfg, cfg.epochs, self.iters_per_epoch())
         writer = train_log = val_log = None
@@ -268,6 +270,10 @@ class Trainer:
                         self.save(self.out / "last.pth")
                 if self.dist.world > 1:
                     dist.barrier()
+                if stop_after_epoch is not None and self.epoch >= stop_after_epoch:
+                    if self.dist.main and self.epoch % max(cfg.save_interval, 1) != 0:
+                        self.save(self.out / "last.pth")
+                    break
         finally:
             if writer is not None:
                 writer.close()

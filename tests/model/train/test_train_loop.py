@@ -1,0 +1,104 @@
+"""The training program end to end on tiny synthetic sets: checkpoints, resume, DDP, eval CLI, plots."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import class_names_from_meta
+from model.data.shapes import make_shapes_dataset
+from model.inference.detector import Detector
+from model.train.engine import TrainConfig, Trainer
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(root, 8, 2, seed=11, img_size=96)
+    return root
+
+
+def _cfg(data, out, **kw):
+    base = dict(data=str(data), out=str(out), size="tiny", epochs=2, batch_size=4, img_size=96, stage2_epochs=2,
+                workers=0, val_interval=100, warmup_iters=3, log_interval=1, threads=1, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_equals_uninterrupted_run(shapes, tmp_path):
+    Trainer(_cfg(shapes, tmp_path / "straight")).run()
+    Trainer(_cfg(shapes, tmp_path / "split")).run(stop_after_epoch=1)
+    first = _load(tmp_path / "split" / "last.pth")
+    assert first["epoch"] == 1 and first["iter"] == 2
+    Trainer(_cfg(shapes, tmp_path / "split", resume=True)).run()
+
+    a, b = _load(tmp_path / "straight" / "last.pth"), _load(tmp_path / "split" / "last.pth")
+    assert a["epoch"] == b["epoch"] == 2 and a["iter"] == b["iter"] == 4
+    for key in ("state_dict", "ema_state_dict"):  # EMA weights, raw weights (+ EMA steps)
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k])
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    # The model really trained: weights moved away from the first epoch's.
+    assert not torch.equal(first["ema_state_dict"]["module.bbox_head.rtm_reg.0.weight"],
+                           b["ema_state_dict"]["module.bbox_head.rtm_reg.0.weight"])
+    rows = list(csv.DictReader((tmp_path / "split" / "train_log.csv").open()))
+    assert [int(r["iter"]) for r in rows] == [1, 2, 3, 4]  # the resumed run appends to the same log
+
+
+def test_checkpoints_are_official_format_and_serve(shapes, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_cfg(shapes, out, epochs=1, stage2_epochs=0, val_interval=1)).run()  # stage 1: Mosaic + MixUp
+    names = json.loads((shapes / "annotations" / "instances_train.json").read_text())["categories"]
+    for name in ("last.pth", "best.pth"):
+        ck = _load(out / name)
+        assert class_names_from_meta(ck["meta"]) == [c["name"] for c in sorted(names, key=lambda c: c["id"])]
+        assert len(ck["state_dict"]) == 476  # the official key set, aliases included
+    assert set(_load(out / "best.pth")) == {"meta", "state_dict"}  # publishable as is
+    det = Detector.from_checkpoint(out / "best.pth", size="tiny", device="cpu")
+    assert det.class_names == class_names_from_meta(_load(out / "best.pth")["meta"])
+    assert (out / "loss.png").stat().st_size > 0 and (out / "map.png").stat().st_size > 0
+    assert len(list(csv.DictReader((out / "val_log.csv").open()))) == 1
+    assert any((out / "tb").iterdir())
+
+    res = subprocess.run([sys.executable, "-m", "service.cli", "eval", "--weights", str(out / "best.pth"),
+                          "--data", str(shapes), "--img-size", "96", "--json"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    stats = json.loads(res.stdout.strip().splitlines()[-1])
+    assert list(stats) == ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    best = list(csv.DictReader((out / "val_log.csv").open()))[0]
+    assert stats["AP"] == pytest.approx(float(best["AP"]), abs=1e-9)  # same pipeline inside and outside training
+
+
+def test_two_process_ddp_on_cpu(shapes, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "service.cli", "train", "--data", str(shapes), "--epochs", "2", "--batch-size", "2",
+           "--img-size", "96", "--stage2-epochs", "1", "--out", str(out), "--workers", "0", "--warmup-iters", "2",
+           "--log-interval", "1", "--val-interval", "100", "--threads", "1", "--no-progress"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = list(csv.DictReader((out / "train_log.csv").open()))
+    # 8 images over 2 ranks, 2 per batch: 2 iterations per epoch, logged once (rank 0 only).
+    assert [int(r["iter"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1]["lr"]) <= 0.004 * 4 / 256 + 1e-12  # lr scaled for the total batch of 2 x 2
+    assert float(rows[1]["lr"]) == pytest.approx(0.004 * 4 / 256 * (1e-5 + (1 - 1e-5) * 0.5), rel=1e-4)
+    ck = _load(out / "last.pth")
+    assert ck["iter"] == 4 and int(ck["ema_state_dict"]["steps"]) == 4
+    assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
+    assert res.stdout.count("training RTMDet-tiny") == 1  # rank 0 alone prints
