@@ -1,0 +1,191 @@
+"""Service throughput and latency (HTTP and gRPC at several concurrencies) against the bare Detector,
+measured in the same run on the same machine.
+
+    .venv/bin/python bench/bench_service.py [--duration 8] [--input-size 640] [--concurrency 1 8 32]
+
+The Detector baseline: batch-1 latency (p50 over repeated single images) and batch-B throughput
+(B = the server's max batch size), on already decoded images. The service numbers include
+everything a client sees: upload, decode, letterbox, queueing, inference, NMS, JSON/protobuf.
+Targets (tiny at 640, CPU): throughput at concurrency 32 >= 0.85x the batched Detector; p50 at
+concurrency 1 no more than 10 ms above the Detector's batch-1 latency.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from model import Detector, TestConfig, build_rtmdet, save_checkpoint  # noqa: E402
+from model.checkpoint import make_meta  # noqa: E402
+from service.settings import DEFAULT_WEIGHTS  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentiles(lat_s: list[float]) -> tuple[float, float, float]:
+    p = np.percentile(np.array(lat_s) * 1000.0, [50, 95, 99])
+    return float(p[0]), float(p[1]), float(p[2])
+
+
+def bench_detector(weights: Path, size: str, input_size: int, image: np.ndarray, batch: int,
+                   duration: float) -> dict:
+    det = Detector.from_checkpoint(weights, size=size, device="cpu",
+                                   test_cfg=TestConfig.serving(input_size=input_size))
+    det.warmup([1, batch])
+    lat, end = [], time.perf_counter() + duration / 2
+    while time.perf_counter() < end or len(lat) < 5:
+        t0 = time.perf_counter()
+        det([image])
+        lat.append(time.perf_counter() - t0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < duration / 2 or n < 2 * batch:
+        det([image] * batch)
+        n += batch
+    throughput = n / (time.perf_counter() - t0)
+    return {"b1_p50_ms": percentiles(lat)[0], "b1_ips": len(lat) / sum(lat), "batched_ips": throughput}
+
+
+async def load_http(url: str, data: bytes, concurrency: int, duration: float) -> tuple[int, list[float], int]:
+    lat, errors = [], 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async def worker(stop_at: float, record: bool):
+            nonlocal errors
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                r = await client.post(url, content=data, headers={"Content-Type": "image/jpeg"})
+                if r.status_code != 200:
+                    errors += 1
+                elif record:
+                    lat.append(time.perf_counter() - t0)
+        await asyncio.gather(*(worker(time.perf_counter() + 1.0, False) for _ in range(concurrency)))  # warm
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(t0 + duration, True) for _ in range(concurrency)))
+        return len(lat), lat, errors
+
+
+async def load_grpc(target: str, data: bytes, concurrency: int, duration: float) -> tuple[int, list[float], int]:
+    import grpc
+
+    from service.proto_gen.rtmdet.v1 import detector_pb2, detector_pb2_grpc
+    lat, errors = [], 0
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        stub = detector_pb2_grpc.DetectorStub(ch)
+        req = detector_pb2.DetectRequest(encoded=data)
+
+        async def worker(stop_at: float, record: bool):
+            nonlocal errors
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    await stub.Detect(req, timeout=120)
+                except grpc.RpcError:
+                    errors += 1
+                    continue
+                if record:
+                    lat.append(time.perf_counter() - t0)
+        await asyncio.gather(*(worker(time.perf_counter() + 1.0, False) for _ in range(concurrency)))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(t0 + duration, True) for _ in range(concurrency)))
+        return len(lat), lat, errors
+
+
+def start_server(weights: Path, args) -> tuple[subprocess.Popen, str, str]:
+    http_port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "RTMDET_INPUT_SIZE": str(args.input_size), "RTMDET_MAX_BATCH_SIZE": str(args.batch),
+           "RTMDET_DEVICE": "cpu", "RTMDET_MAX_QUEUE_SIZE": "256", "PYTHONPATH": str(REPO)}
+    env.pop("RTMDET_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--weights", str(weights), "--size", args.size,
+                             "--http-port", str(http_port), "--grpc-port", str(grpc_port)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{http_port}"
+    end = time.monotonic() + 300
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return proc, base, f"127.0.0.1:{grpc_port}"
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("server did not become ready")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
+                    help="checkpoint (default: the shipped one; a random tiny one if it is missing)")
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--input-size", type=int, default=640)
+    ap.add_argument("--batch", type=int, default=8, help="the server's max batch size and the Detector's batch")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    ap.add_argument("--image", type=Path, default=REPO / "examples" / "astronaut.jpg")
+    args = ap.parse_args()
+
+    tmp = tempfile.TemporaryDirectory()
+    weights = args.weights
+    if not weights.is_file():
+        weights = Path(tmp.name) / "random_tiny.pth"
+        save_checkpoint(weights, build_rtmdet(args.size, num_classes=80).state_dict(), make_meta())
+        print(f"{args.weights} not found: timing a randomly initialised {args.size} model instead")
+    data = args.image.read_bytes()
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    print(f"image {args.image.name} {image.shape[1]}x{image.shape[0]}, {args.size} at {args.input_size}, "
+          f"batch {args.batch}, {os.cpu_count()} CPUs, {args.duration:.0f} s per measurement")
+
+    base = bench_detector(weights, args.size, args.input_size, image, args.batch, args.duration)
+    print(f"Detector: batch-1 p50 {base['b1_p50_ms']:.1f} ms ({base['b1_ips']:.2f} img/s); "
+          f"batch-{args.batch} {base['batched_ips']:.2f} img/s")
+
+    proc, http_base, grpc_target = start_server(weights, args)
+    rows = []
+    try:
+        for proto in ("http", "grpc"):
+            for conc in args.concurrency:
+                if proto == "http":
+                    n, lat, errors = asyncio.run(load_http(f"{http_base}/detect", data, conc, args.duration))
+                else:
+                    n, lat, errors = asyncio.run(load_grpc(grpc_target, data, conc, args.duration))
+                p50, p95, p99 = percentiles(lat) if lat else (float("nan"),) * 3
+                rows.append((proto, conc, n / args.duration, p50, p95, p99, errors))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+    print()
+    print("| protocol | concurrency | img/s | p50 ms | p95 ms | p99 ms | errors | vs Detector |")
+    print("|---|---|---|---|---|---|---|---|")
+    for proto, conc, ips, p50, p95, p99, errors in rows:
+        if conc == 1:
+            vs = f"p50 {p50 - base['b1_p50_ms']:+.1f} ms vs batch-1"
+        else:
+            vs = f"{ips / base['batched_ips']:.2f}x batch-{args.batch} throughput"
+        print(f"| {proto} | {conc} | {ips:.2f} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {errors} | {vs} |")
+    print(f"| Detector | batch 1 | {base['b1_ips']:.2f} | {base['b1_p50_ms']:.1f} | | | | |")
+    print(f"| Detector | batch {args.batch} | {base['batched_ips']:.2f} | | | | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
