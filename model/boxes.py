@@ -1,4 +1,4 @@
-"""Pure box geometry: grid priors, distance <-> box coding, pairwise IoU.
+"""Pure box geometry: grid priors and distance -> box decoding (IoUs for training live in model.losses).
 
 Boxes are (x1, y1, x2, y2) in pixels everywhere.
 """
@@ -30,23 +30,3 @@ def distance2bbox(points: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
     x, y = points[..., 0], points[..., 1]
     return torch.stack((x - distance[..., 0], y - distance[..., 1],
                         x + distance[..., 2], y + distance[..., 3]), dim=-1)
-
-
-def bbox2distance(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Inverse of `distance2bbox`."""
-    x, y = points[..., 0], points[..., 1]
-    return torch.stack((x - boxes[..., 0], y - boxes[..., 1], boxes[..., 2] - x, boxes[..., 3] - y), dim=-1)
-
-
-def box_area(boxes: torch.Tensor) -> torch.Tensor:
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
-
-
-def pairwise_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(N, 4) x (M, 4) -> (N, M) IoU = inter / union, union floored at eps as MMDetection does."""
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
-    return inter / union.clamp(min=eps)
