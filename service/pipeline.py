@@ -105,9 +105,13 @@ class DetectionService:
             log.error("model failed to load: %s", self.start_error)
             raise
 
+    def can_serve(self) -> bool:
+        return (self.batcher is not None and self.batcher.running and self.backend is not None
+                and self.backend.is_ready())
+
     def is_ready(self) -> bool:
-        return (not self.draining and self.batcher is not None and self.batcher.running
-                and self.backend is not None and self.backend.is_ready())
+        """What probes see: able to serve and not draining (so load balancers stop sending new work)."""
+        return not self.draining and self.can_serve()
 
     def shutdown(self) -> None:
         self.draining = True
@@ -155,8 +159,10 @@ class DetectionService:
     async def _detect(self, decode: Callable[[], np.ndarray], params: DetectParams,
                       deadline: float | None) -> DetectOutcome:
         started = time.perf_counter()
-        if not self.is_ready():
-            raise NotAccepting("the model is not ready" if not self.draining else "the service is shutting down")
+        # Draining does not refuse: a request that reached us was accepted before the listeners closed,
+        # and accepted requests are answered.
+        if not self.can_serve():
+            raise NotAccepting("the model is not ready")
         batcher = self.batcher
         ticket = batcher.admit()  # QueueFull at once when the queue is full
         try:

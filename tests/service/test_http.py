@@ -183,6 +183,12 @@ def test_api_key_is_required(server, photos):
     assert httpx.get(f"{server.http}/metrics").status_code == 200
 
 
+def test_cors_is_off_by_default(server):
+    r = httpx.options(f"{server.http}/detect", headers={"Origin": "https://elsewhere.example",
+                                                        "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+
+
 def metric_samples(base_url: str) -> dict:
     text = httpx.get(f"{base_url}/metrics").text
     out = {}
