@@ -1,7 +1,7 @@
 """Service throughput and latency (HTTP and gRPC at several concurrencies) against the bare Detector,
 measured in the same run on the same machine.
 
-    .venv/bin/python bench/bench_service.py [--duration 8] [--input-size 640] [--concurrency 1 8 32]
+    .venv/bin/python bench/bench_service.py [--duration 10] [--threads 1] [--input-size 640] [--concurrency 1 8 32]
 
 The Detector baseline: batch-1 latency (p50 over repeated single images) and batch-B throughput
 (B = the server's max batch size), on already decoded images. The service numbers include
@@ -91,49 +91,54 @@ class DetectorBaseline:
         return n / (time.perf_counter() - t0)
 
 
-async def load_http(url: str, data: bytes, concurrency: int, duration: float) -> tuple[int, list[float], int]:
-    lat, errors = [], 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        async def worker(stop_at: float, record: bool):
-            nonlocal errors
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                r = await client.post(url, content=data, headers={"Content-Type": "image/jpeg"})
-                if r.status_code != 200:
+async def closed_loop(call, concurrency: int, warmup: float, duration: float) -> tuple[float, list[float], int]:
+    """`concurrency` clients, each sending its next request when the last one returns. Only requests that
+    finish inside the measuring window (after `warmup`, so the queue is at steady state) count:
+    throughput = those / duration, which neither counts the warm-up nor the drain at the end."""
+    start = time.perf_counter()
+    window = (start + warmup, start + warmup + duration)
+    lat: list[float] = []
+    errors = 0
+
+    async def client():
+        nonlocal errors
+        while time.perf_counter() < window[1]:
+            t0 = time.perf_counter()
+            ok = await call()
+            t1 = time.perf_counter()
+            if window[0] <= t1 <= window[1]:
+                if ok:
+                    lat.append(t1 - t0)
+                else:
                     errors += 1
-                elif record:
-                    lat.append(time.perf_counter() - t0)
-        await asyncio.gather(*(worker(time.perf_counter() + 1.0, False) for _ in range(concurrency)))  # warm
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(t0 + duration, True) for _ in range(concurrency)))
-        return len(lat), lat, errors
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return len(lat) / duration, lat, errors
 
 
-async def load_grpc(target: str, data: bytes, concurrency: int, duration: float) -> tuple[int, list[float], int]:
+async def load_http(url: str, data: bytes, concurrency: int, warmup: float, duration: float):
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        async def call() -> bool:
+            r = await client.post(url, content=data, headers={"Content-Type": "image/jpeg"})
+            return r.status_code == 200
+        return await closed_loop(call, concurrency, warmup, duration)
+
+
+async def load_grpc(target: str, data: bytes, concurrency: int, warmup: float, duration: float):
     import grpc
 
     from service.proto_gen.rtmdet.v1 import detector_pb2, detector_pb2_grpc
-    lat, errors = [], 0
     async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
         stub = detector_pb2_grpc.DetectorStub(ch)
         req = detector_pb2.DetectRequest(encoded=data)
 
-        async def worker(stop_at: float, record: bool):
-            nonlocal errors
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                try:
-                    await stub.Detect(req, timeout=120)
-                except grpc.RpcError:
-                    errors += 1
-                    continue
-                if record:
-                    lat.append(time.perf_counter() - t0)
-        await asyncio.gather(*(worker(time.perf_counter() + 1.0, False) for _ in range(concurrency)))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(t0 + duration, True) for _ in range(concurrency)))
-        return len(lat), lat, errors
+        async def call() -> bool:
+            try:
+                await stub.Detect(req, timeout=300)
+                return True
+            except grpc.RpcError:
+                return False
+        return await closed_loop(call, concurrency, warmup, duration)
 
 
 def start_server(weights: Path, args) -> tuple[subprocess.Popen, str, str]:
@@ -167,10 +172,17 @@ def main() -> int:
     ap.add_argument("--input-size", type=int, default=640)
     ap.add_argument("--batch", type=int, default=8, help="the server's max batch size and the Detector's batch")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement window")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads for the Detector and the server (OMP_NUM_THREADS); 0: default. "
+                         "On a CPU shared with other jobs, 1 avoids OpenMP barrier stalls that swamp the numbers")
     ap.add_argument("--image", type=Path, default=REPO / "examples" / "astronaut.jpg")
     args = ap.parse_args()
 
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server subprocess
     tmp = tempfile.TemporaryDirectory()
     weights = args.weights
     if not weights.is_file():
@@ -180,9 +192,11 @@ def main() -> int:
     data = args.image.read_bytes()
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     print(f"image {args.image.name} {image.shape[1]}x{image.shape[0]}, {args.size} at {args.input_size}, "
-          f"batch {args.batch}, {os.cpu_count()} CPUs, {args.duration:.0f} s per measurement")
+          f"batch {args.batch}, {os.cpu_count()} CPUs, torch threads {args.threads or 'default'}, "
+          f"{args.duration:.0f} s per measurement")
 
     baseline = DetectorBaseline(weights, args.size, args.input_size, image, args.batch)
+    base_batch_s = args.batch / baseline.batched_ips(2.0)  # seconds per full batch, to size the warm-ups
     proc, http_base, grpc_target = start_server(weights, args)
     rows = []
     try:
@@ -192,12 +206,15 @@ def main() -> int:
                     base = baseline.batch1_p50_ms(args.duration / 2)
                 else:
                     base = baseline.batched_ips(args.duration / 2)
+                # Warm-up long enough for every client to have gone round once at this concurrency.
+                warmup = max(1.0, 1.5 * conc / args.batch * base_batch_s)
                 if proto == "http":
-                    n, lat, errors = asyncio.run(load_http(f"{http_base}/detect", data, conc, args.duration))
+                    ips, lat, errors = asyncio.run(load_http(f"{http_base}/detect", data, conc, warmup,
+                                                             args.duration))
                 else:
-                    n, lat, errors = asyncio.run(load_grpc(grpc_target, data, conc, args.duration))
+                    ips, lat, errors = asyncio.run(load_grpc(grpc_target, data, conc, warmup, args.duration))
                 p50, p95, p99 = percentiles(lat) if lat else (float("nan"),) * 3
-                rows.append((proto, conc, n / args.duration, p50, p95, p99, errors, base))
+                rows.append((proto, conc, ips, p50, p95, p99, errors, base))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

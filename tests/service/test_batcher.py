@@ -87,6 +87,30 @@ def test_batch_failure_is_a_500_with_its_message_over_http(service, photos):
         thread.join(10)
 
 
+def test_batch_failure_is_internal_with_its_message_over_grpc(service, photos):
+    import grpc
+
+    from service.grpc_api import create_grpc_server
+    from service.proto_gen.rtmdet.v1 import detector_pb2, detector_pb2_grpc
+
+    async def run():
+        server, _, port = create_grpc_server(service, "127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = detector_pb2_grpc.DetectorStub(ch)
+                req = detector_pb2.DetectRequest(encoded=png(photos["coffee"]))
+                service.backend.fail_next = True
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Detect(req, timeout=60)
+                assert err.value.code() == grpc.StatusCode.INTERNAL and "injected fault" in err.value.details()
+                assert (await stub.Detect(req, timeout=60)).width == 300
+        finally:
+            await server.stop(None)
+
+    asyncio.run(run())
+
+
 def test_per_request_filtering_equals_running_the_detector_with_those_settings(detector, photos):
     img = photos["astronaut"]
     low = detector([img], detector.with_config(score_thr=0.1, max_per_img=1_000_000))[0]
