@@ -5,10 +5,10 @@ import argparse
 import sys
 
 from model.cli import add_detect
-from service.commands import add_client, add_serve
 from model.data.cli import add_make_shapes_dataset
 from model.export_cli import add_export
 from model.train.cli import add_eval, add_train
+from service.commands import add_client, add_serve
 
 
 def build_parser() -> argparse.ArgumentParser:
