@@ -7,6 +7,12 @@ to `max_queue_delay` for more only while admitted requests are still on their wa
 with nothing coming, a lone request runs at once instead of paying the delay. Requests whose
 deadline passed, or whose caller gave up, are dropped before inference. An exception in a batch
 fails only that batch's requests; the worker carries on.
+
+Faults in the model step: an out-of-memory error retries the batch split in halves (down to single
+images) before any request fails. The step itself runs on a separate "model" thread watched by the
+worker: past `inference_timeout_s` the batch's requests fail with `InferenceTimeout`, the stuck thread
+is abandoned (Python cannot kill it) and the next batch runs on a fresh one; `stalled` counts stuck
+steps still running, and readiness is off while it is non-zero.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -46,6 +54,10 @@ class DeadlineExceeded(RuntimeError):
 
 class BatchFailed(RuntimeError):
     """Inference raised for the batch this request was in (HTTP 500, gRPC INTERNAL)."""
+
+
+class InferenceTimeout(BatchFailed):
+    """The model step ran past the watchdog's limit (HTTP 500, gRPC INTERNAL)."""
 
 
 class NotAccepting(RuntimeError):
@@ -114,12 +126,17 @@ def filter_detections(dets: Detections, params: DetectParams) -> Detections:
 
 class DynamicBatcher:
     def __init__(self, backend: Backend, metrics: ServiceMetrics, max_batch_size: int = 8,
-                 max_queue_delay_s: float = 0.002, max_queue_size: int = 64) -> None:
+                 max_queue_delay_s: float = 0.002, max_queue_size: int = 64, inference_timeout_s: float = 0.0,
+                 max_stalled: int = 2) -> None:
         self.backend = backend
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        self.inference_timeout_s = inference_timeout_s  # 0: no watchdog
+        self.max_stalled = max_stalled  # stuck model threads tolerated before batches fail at once
+        self.stalled = 0  # model steps past the watchdog that have not returned yet
+        self._model_thread = self._new_model_thread()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._admitted = 0  # admitted and not yet taken into a batch
@@ -140,6 +157,11 @@ class DynamicBatcher:
             self._queue.put(_STOP)
             self._thread.join(timeout)
             self._thread = None
+        self._model_thread.shutdown(wait=False)
+
+    @staticmethod
+    def _new_model_thread() -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(1, thread_name_prefix="rtmdet-model")
 
     @property
     def running(self) -> bool:
@@ -250,27 +272,79 @@ class DynamicBatcher:
         if not live:
             return
         try:
-            t0 = time.perf_counter()
-            stacked = live[0].batch if len(live) == 1 else torch.cat([j.batch for j in live])
-            cls_scores, bbox_preds = self.backend.forward(stacked)
-            t1 = time.perf_counter()
-            cfg = replace(self.backend.test_config, score_thr=min(j.params.score_threshold for j in live),
-                          max_per_img=_NO_CUT)
-            results = self.backend.postprocess(cls_scores, bbox_preds, [j.info for j in live], cfg)
-            t2 = time.perf_counter()
+            results, sub_batches, t_inf, t_post = self._watched(live)
         except Exception as exc:
             self.metrics.batch_failures.inc()
-            log.exception("inference failed for a batch of %d", len(live))
-            err = BatchFailed(f"inference failed: {type(exc).__name__}: {exc}")
+            if isinstance(exc, BatchFailed):
+                log.error("batch of %d failed: %s", len(live), exc)
+                err = exc
+            else:
+                log.exception("inference failed for a batch of %d", len(live))
+                err = BatchFailed(f"inference failed: {type(exc).__name__}: {exc}")
             for job in live:
                 self._fail(job, err)
             return
-        self.metrics.batch_size.observe(len(live))
-        self.metrics.observe_stage("inference", t1 - t0)
-        self.metrics.observe_stage("postprocess", t2 - t1)
+        for n in sub_batches:
+            self.metrics.batch_size.observe(n)
+        self.metrics.observe_stage("inference", t_inf)
+        self.metrics.observe_stage("postprocess", t_post)
         for job, dets in zip(live, results):
-            job.times.inference, job.times.postprocess, job.times.batch_size = t1 - t0, t2 - t1, len(live)
+            job.times.inference, job.times.postprocess, job.times.batch_size = t_inf, t_post, len(live)
             self._resolve(job, filter_detections(dets, job.params))
+
+    def _watched(self, live: Sequence[_Job]):
+        """The model step on the model thread, under the watchdog."""
+        if self.stalled >= self.max_stalled:
+            raise BatchFailed(f"the model is stalled ({self.stalled} steps stuck past the "
+                              f"{self.inference_timeout_s:g} s watchdog); not running more until one returns")
+        future = self._model_thread.submit(self._infer_splitting, live)
+        try:
+            return future.result(timeout=self.inference_timeout_s or None)
+        except FutureTimeout:
+            with self._lock:
+                self.stalled += 1
+            self.metrics.inference_timeouts.inc()
+            self.metrics.stalled.set(self.stalled)
+            future.add_done_callback(self._unstall)
+            # The stuck thread keeps its executor; the next batch gets a fresh one.
+            self._model_thread.shutdown(wait=False)
+            self._model_thread = self._new_model_thread()
+            raise InferenceTimeout(f"inference watchdog: the model step took longer than "
+                                   f"{self.inference_timeout_s:g} s; the batch of {len(live)} was abandoned") from None
+
+    def _unstall(self, _future) -> None:
+        with self._lock:
+            self.stalled -= 1
+        self.metrics.stalled.set(self.stalled)
+        log.warning("a stalled model step returned; %d still stuck", self.stalled)
+
+    def _infer_splitting(self, live: Sequence[_Job]) -> tuple[list[Detections], list[int], float, float]:
+        """Forward + postprocess; on out-of-memory, the two halves separately (recursively) before failing."""
+        try:
+            return self._infer(live)
+        except torch.OutOfMemoryError:
+            if len(live) == 1:
+                raise
+            self.metrics.oom_splits.inc()
+            log.warning("out of memory on a batch of %d; retrying as %d + %d", len(live), len(live) // 2,
+                        len(live) - len(live) // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(live) // 2
+            r1, b1, i1, p1 = self._infer_splitting(live[:half])
+            r2, b2, i2, p2 = self._infer_splitting(live[half:])
+            return r1 + r2, b1 + b2, i1 + i2, p1 + p2
+
+    def _infer(self, live: Sequence[_Job]) -> tuple[list[Detections], list[int], float, float]:
+        t0 = time.perf_counter()
+        stacked = live[0].batch if len(live) == 1 else torch.cat([j.batch for j in live])
+        cls_scores, bbox_preds = self.backend.forward(stacked)
+        t1 = time.perf_counter()
+        cfg = replace(self.backend.test_config, score_thr=min(j.params.score_threshold for j in live),
+                      max_per_img=_NO_CUT)
+        results = self.backend.postprocess(cls_scores, bbox_preds, [j.info for j in live], cfg)
+        t2 = time.perf_counter()
+        return list(results), [len(live)], t1 - t0, t2 - t1
 
     @staticmethod
     def _resolve(job: _Job, value: Detections) -> None:

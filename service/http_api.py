@@ -27,11 +27,15 @@ DETECT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
                                        "properties": {"image": {"type": "string", "format": "binary"}}}},
     "image/jpeg": IMAGE_BODY, "image/png": IMAGE_BODY, "image/webp": IMAGE_BODY, "image/bmp": IMAGE_BODY}}}
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 500, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 500, 503, 504)}
 
 
 class Unauthorized(Exception):
     pass
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive before the request's deadline (a slow or stalled upload)."""
 
 
 class MetricsMiddleware:
@@ -116,6 +120,7 @@ def install_error_handlers(app: FastAPI) -> None:
         DeadlineExceeded: lambda e: error(504, str(e)),
         BatchFailed: lambda e: error(500, str(e)),
         Unauthorized: lambda e: error(401, str(e), {"WWW-Authenticate": "Bearer"}),
+        BodyTimeout: lambda e: error(408, str(e), {"Connection": "close"}),
     }
     for exc_type, make in handlers.items():
         app.add_exception_handler(exc_type, lambda request, exc, make=make: make(exc))
@@ -159,14 +164,20 @@ def create_app(service: DetectionService, manage_lifecycle: bool = True) -> Fast
     async def run_detection(request: Request, score_threshold, max_detections, classes, timeout_ms) -> DetectOutcome:
         deadline = deadline_from(timeout_ms)
         params = service.params(score_threshold, max_detections, classes)
-        data = await read_image_bytes(request, settings.max_upload_bytes)
+        # The deadline covers the upload too, so a client that trickles its body (slowloris) is cut off
+        # and its connection released; it never holds a queue slot (admission comes after the read).
+        try:
+            data = await asyncio.wait_for(read_image_bytes(request, settings.max_upload_bytes),
+                                          max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            raise BodyTimeout("the request body did not arrive within the request's deadline") from None
         return await service.detect_encoded(data, params, deadline)
 
     detect_query = dict(
         score_threshold=Query(None, ge=0.0, le=1.0, description="keep detections scoring above this"),
         max_detections=Query(None, ge=1, description="at most this many detections, best first"),
         classes=Query(None, description="class names to keep (repeat, or comma-separate)"),
-        timeout_ms=Query(None, gt=0, description="deadline for this request; default RTMDET_REQUEST_TIMEOUT_S"),
+        timeout_ms=Query(None, gt=0, le=86_400_000, description="deadline for this request; default RTMDET_REQUEST_TIMEOUT_S"),
     )
 
     @app.post("/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=DETECT_BODY,
@@ -209,9 +220,7 @@ def create_app(service: DetectionService, manage_lifecycle: bool = True) -> Fast
     async def readyz():
         if service.is_ready():
             return Status(status="ready")
-        state = "draining" if service.draining else ("failed: " + service.start_error if service.start_error
-                                                     else "loading")
-        return JSONResponse({"status": state}, status_code=503)
+        return JSONResponse({"status": service.not_ready_reason()}, status_code=503)
 
     @app.get("/metrics", summary="Prometheus metrics (both protocols)")
     async def metrics() -> Response:

@@ -40,6 +40,12 @@ class ServiceMetrics:
         self.rejected = Counter("rtmdet_batcher_rejected_total", "Requests refused because the queue was full",
                                 registry=r)
         self.batch_failures = Counter("rtmdet_batch_failures_total", "Batches whose inference raised", registry=r)
+        self.inference_timeouts = Counter("rtmdet_inference_timeouts_total",
+                                          "Model steps abandoned by the inference watchdog", registry=r)
+        self.stalled = Gauge("rtmdet_inference_stalled", "Abandoned model steps still running (readiness is off)",
+                             registry=r)
+        self.oom_splits = Counter("rtmdet_oom_splits_total",
+                                  "Batches split in halves and retried after running out of memory", registry=r)
         self.model_info = Info("rtmdet_model", "The model being served", registry=r)
         for stage in STAGES:  # expose every stage from the start, not after its first observation
             self.stage_latency.labels(stage=stage)

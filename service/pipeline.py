@@ -73,6 +73,9 @@ class DetectionService:
         """Blocking: build the backend, warm it up, start the batcher."""
         s = self.settings
         backend = self.backend or create_backend(s)
+        if s.fault_injection is not None:
+            from service.faults import FaultInjectingBackend
+            backend = FaultInjectingBackend(backend, s.fault_injection)
         if s.warmup:
             t0 = time.perf_counter()
             backend.warmup(warmup_batch_sizes(s.max_batch_size))
@@ -87,7 +90,7 @@ class DetectionService:
         self.metrics.model_info.info({k: str(info.get(k, "")) for k in
                                       ("name", "size", "version", "backend", "device", "dtype", "input_size")})
         batcher = DynamicBatcher(backend, self.metrics, s.max_batch_size, s.max_queue_delay_ms / 1000.0,
-                                 s.max_queue_size)
+                                 s.max_queue_size, inference_timeout_s=s.inference_timeout_s)
         batcher.start()
         self.batcher = batcher
 
@@ -110,8 +113,21 @@ class DetectionService:
                 and self.backend.is_ready())
 
     def is_ready(self) -> bool:
-        """What probes see: able to serve and not draining (so load balancers stop sending new work)."""
-        return not self.draining and self.can_serve()
+        """What probes see: able to serve, not draining and no model step stuck past the watchdog (so
+        load balancers stop sending new work)."""
+        return not self.draining and self.can_serve() and self.batcher.stalled == 0
+
+    def not_ready_reason(self) -> str:
+        if self.draining:
+            return "draining"
+        if self.start_error:
+            return "failed: " + self.start_error
+        if self.batcher is not None and self.batcher.stalled:
+            return (f"stalled: {self.batcher.stalled} model step(s) stuck past the "
+                    f"{self.settings.inference_timeout_s:g} s inference watchdog")
+        if self.batcher is not None and not self.batcher.running:
+            return "failed: the batch worker stopped"
+        return "loading"
 
     def shutdown(self) -> None:
         self.draining = True

@@ -31,6 +31,18 @@ class _UvicornServer(uvicorn.Server):
         yield
 
 
+async def follow_readiness(service: DetectionService, health, period_s: float = 0.25) -> None:
+    """gRPC health mirrors /readyz: it turns NOT_SERVING while a model step is stuck past the watchdog."""
+    serving = True
+    while True:
+        await asyncio.sleep(period_s)
+        ready = service.is_ready()
+        if ready != serving:
+            serving = ready
+            await set_serving(health, ready)
+            log.warning("readiness: %s", "ready" if ready else service.not_ready_reason())
+
+
 async def serve(settings: ServiceSettings) -> int:
     service = DetectionService(settings)
     app = create_app(service, manage_lifecycle=False)
@@ -57,9 +69,13 @@ async def serve(settings: ServiceSettings) -> int:
     if load_task in done and load_task.exception() is None:
         await set_serving(health, True)
         print(f"rtmdet serve: ready ({service.describe()['name']} on {service.describe()['device']})", flush=True)
+        health_task = asyncio.create_task(follow_readiness(service, health))
         done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        health_task.cancel()
     elif load_task in done:
-        print(f"rtmdet serve: error: model failed to load: {service.start_error}", file=sys.stderr, flush=True)
+        # One line, whatever the loader's message holds, so that it reads well in `kubectl logs` and alerts.
+        one_line = " ".join(str(service.start_error).splitlines())
+        print(f"rtmdet serve: error: model failed to load: {one_line}", file=sys.stderr, flush=True)
         exit_code = 2
     if http_task in done and not stop.is_set():
         exc = http_task.exception()

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config import SIZES
+from service.faults import FaultInjection
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_tiny_shapes.pth"
 BACKENDS = ("torch", "onnx", "triton")
@@ -41,6 +42,9 @@ class ServiceSettings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0.0)
     max_queue_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(30.0, gt=0.0)  # HTTP deadline unless the request sets `timeout_ms`
+    # Watchdog: a model step (forward + post-processing of one batch) running longer than this fails its
+    # requests (500/INTERNAL) and the batcher carries on in a fresh thread; 0 turns it off.
+    inference_timeout_s: float = Field(60.0, ge=0.0)
     decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     warmup: bool = True
 
@@ -55,6 +59,9 @@ class ServiceSettings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     api_key: SecretStr | None = None
     cors_origins: list[str] = Field(default_factory=list)  # empty: CORS off
+
+    # Tests only: make the model step fail on purpose (see service/faults.py). Never set in production.
+    fault_injection: FaultInjection | None = None
 
     @field_validator("size")
     @classmethod
