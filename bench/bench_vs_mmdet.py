@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""This project vs MMDetection 3.3.0, side by side in one run: one table (what `make bench` prints).
+
+    .venv/bin/python bench/bench_vs_mmdet.py [--sizes tiny s] [--batches 1 8] [--threads 1 2] [--seconds 3]
+        [--train-sizes 320 640] [--train-batch 8] [--train-steps 3] [--no-train] [--no-infer]
+
+Rows, each pair measured one right after the other with the same thread count and environment:
+- infer: this project's whole Detector on real photos (letterbox, forward, decode, NMS at serving thresholds)
+  in images/s, against MMDetection's network forward alone (`../shared/tools/mmdet_ref.py bench`, random input:
+  its forward does not depend on the pixels). Post-processing's share of our forward is shown at serving
+  (score 0.3) and evaluation (0.001, nms_pre 30000) thresholds.
+- train: one training step (forward, assigner + loss, backward, AdamW; ours adds the EMA update) on the same
+  prepared batches (real cached-Mosaic/MixUp loader output over a generated shapes set), ours in this process,
+  MMDetection's in its venv (bench/mmdet_train_step.py), images/s from the median step.
+MMDetection runs in /tmp/mmdet-ref-venv ($MMDET_VENV); without it the peer columns read n/a.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+from bench_model import mmdet_forward, photos, timed  # noqa: E402
+
+from model import Detector, TestConfig, build_rtmdet  # noqa: E402
+from model.testing import fill_deterministic  # noqa: E402
+
+MMDET_REF = ROOT.parent / "shared" / "tools" / "mmdet_ref.py"
+MMDET_PY = Path(os.environ.get("MMDET_VENV", "/tmp/mmdet-ref-venv")) / "bin" / "python"
+
+
+def infer_row(size: str, batch: int, threads: int, seconds: float, use_mmdet: bool) -> dict:
+    torch.set_num_threads(threads)
+    model = fill_deterministic(build_rtmdet(size), 0)
+    with torch.no_grad():  # a realistic score distribution: most priors are background
+        for conv in model.bbox_head.rtm_cls:
+            conv.bias.fill_(-4.0)
+    det = Detector(model, device="cpu")
+    det.warmup([batch])
+    imgs = photos(batch)
+    x, infos = det.preprocess(imgs)
+    cls, reg = det.forward(x)
+    t_fwd = timed(partial(det.forward, x), seconds)
+    t_post = timed(partial(det.postprocess, cls, reg, infos, TestConfig.serving()), seconds / 4)
+    t_eval = timed(partial(det.postprocess, cls, reg, infos, TestConfig()), seconds / 4)
+    t_all = timed(partial(det, imgs), seconds)
+    peer = mmdet_forward(MMDET_REF, size, batch, threads, seconds) if use_mmdet else None
+    return {"what": "infer", "size": size, "input": 640, "batch": batch, "threads": threads,
+            "ours": batch / t_all, "peer": peer["img_per_s"] if peer else None,
+            "ours_forward": batch / t_fwd, "post@0.3": t_post / t_fwd, "post@0.001": t_eval / t_fwd,
+            "accelerate": det.accelerate}
+
+
+def train_row(img_size: int, batch: int, threads: int, steps: int, use_mmdet: bool, tmp: str) -> dict:
+    from model.data.shapes import make_shapes_dataset
+    from model.train.engine import TrainConfig, Trainer
+    from model.train.schedule import LrSchedule
+
+    torch.set_num_threads(threads)
+    data = os.path.join(tmp, f"shapes{img_size}")
+    if not os.path.isdir(data):
+        make_shapes_dataset(data, batch * (steps + 1), 0, seed=0, img_size=img_size)
+    cfg = TrainConfig(data=data, out=os.path.join(tmp, "out"), size="tiny", epochs=1, batch_size=batch,
+                      img_size=img_size, stage2_epochs=0, workers=0, device="cpu", threads=threads, progress=False,
+                      warmup_iters=10)
+    trainer = Trainer(cfg)
+    batches = []
+    for b in trainer._loader_for(0):
+        batches.append(b)
+        if len(batches) == steps + 1:
+            break
+    schedule = LrSchedule.from_config(trainer.optim_cfg, 1, len(batches))
+    trainer.net.train()
+    times = []
+    for i, b in enumerate(batches):
+        t0 = time.perf_counter()
+        trainer.train_step(*b, schedule)
+        if i:  # the first step is warm-up
+            times.append(time.perf_counter() - t0)
+    ours = batch / statistics.median(times)
+    peer = None
+    if use_mmdet:
+        path = os.path.join(tmp, f"batches{img_size}.pt")
+        with torch.no_grad():
+            torch.save([{"imgs": trainer.normalizer(imgs).contiguous(), "boxes": boxes, "labels": labels}
+                        for imgs, boxes, labels in batches], path)
+        out = subprocess.run([str(MMDET_PY), str(BENCH / "mmdet_train_step.py"), "--batches", path, "--size", "tiny",
+                              "--num-classes", str(len(trainer.class_names)), "--threads", str(threads)],
+                             capture_output=True, text=True)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+        if out.returncode == 0 and lines:
+            peer = json.loads(lines[-1])["img_per_s"]
+        else:
+            print(f"mmdet train step failed: {out.stderr[-2000:]}", file=sys.stderr)
+    return {"what": "train", "size": "tiny", "input": img_size, "batch": batch, "threads": threads,
+            "ours": ours, "peer": peer}
+
+
+def fmt(v, spec: str = ".2f", unit: str = "") -> str:
+    return "n/a" if v is None else f"{v:{spec}}{unit}"
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("what", "size", "input", "batch", "threads", "this project img/s", "MMDetection img/s", "ratio",
+            "our forward img/s", "post/fwd @0.3", "post/fwd @0.001")
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        ratio = r["ours"] / r["peer"] if r["peer"] else None
+        print(f"| {r['what']} | {r['size']} | {r['input']} | {r['batch']} | {r['threads']} | {r['ours']:.2f} | "
+              f"{fmt(r['peer'])} | {fmt(ratio, '.2f', 'x')} | {fmt(r.get('ours_forward'))} | "
+              f"{fmt(r.get('post@0.3'), '.3f')} | {fmt(r.get('post@0.001'), '.3f')} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "s"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--train-sizes", nargs="+", type=int, default=[320, 640])
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--no-infer", action="store_true")
+    ap.add_argument("--no-mmdet", action="store_true")
+    args = ap.parse_args()
+    use_mmdet = not args.no_mmdet and MMDET_REF.is_file() and MMDET_PY.is_file()
+    if not use_mmdet and not args.no_mmdet:
+        print(f"MMDetection not found ({MMDET_REF}, {MMDET_PY}): peer columns read n/a", file=sys.stderr)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for threads in args.threads:
+            if not args.no_infer:
+                for size in args.sizes:
+                    for b in args.batches:
+                        rows.append(infer_row(size, b, threads, args.seconds, use_mmdet))
+                        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
+                              flush=True)
+            if not args.no_train:
+                for img_size in args.train_sizes:
+                    rows.append(train_row(img_size, args.train_batch, threads, args.train_steps, use_mmdet, tmp))
+                    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
+                          flush=True)
+    print_table(rows)
+    cpu_lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpu_lines if ln.startswith("model name")), "?")
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu}, {os.cpu_count()} logical CPUs; "
+          f"torch {torch.__version__} (MMDetection's venv: torch 2.13.0); "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; inference path: "
+          f"{rows[0].get('accelerate', 'n/a') if rows else 'n/a'}, channels_last, BatchNorm folded")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
