@@ -46,7 +46,7 @@ detect: install
 	$(VENV)/bin/rtmdet detect examples/astronaut.jpg
 
 bench: install
-	$(PY) bench/bench_model.py
+	$(PY) bench/bench_vs_mmdet.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

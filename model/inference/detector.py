@@ -77,6 +77,8 @@ class Detector:
         # channels_last helps oneDNN's CPU convolutions too (RTMDet-tiny, 1 thread: 188 ms vs 230 ms NCHW).
         self.channels_last = True if channels_last is None else channels_last
         self.accelerate = resolve_mode(accelerate, self.device)
+        if self.accelerate == "cudagraph":
+            torch.backends.cudnn.benchmark = True  # shapes are fixed per captured bucket: let cuDNN time kernels
         self.strides = model.bbox_head.strides
         self.weights_sha256 = weights_sha256
         net = fused_for_inference(model) if fuse else model.eval()
