@@ -6,9 +6,10 @@
 
 Rows, each pair measured one right after the other with the same thread count and environment:
 - infer: this project's whole Detector on real photos (letterbox, forward, decode, NMS at serving thresholds)
-  in images/s, against MMDetection's network forward alone (`../shared/tools/mmdet_ref.py bench`, random input:
-  its forward does not depend on the pixels). Post-processing's share of our forward is shown at serving
-  (score 0.3) and evaluation (0.001, nms_pre 30000) thresholds.
+  in images/s, against MMDetection's network forward alone (bench/mmdet_peer.py, a long-lived process in
+  MMDetection's venv; random weights and input: the forward's cost depends on neither). The two alternate in
+  rounds of equal calls, so both see the same load on a shared machine. Post-processing's share of our
+  forward is shown at serving (score 0.3) and evaluation (0.001, nms_pre 30000) thresholds.
 - train: one training step (forward, assigner + loss, backward, AdamW; ours adds the EMA update) on the same
   prepared batches (real cached-Mosaic/MixUp loader output over a generated shapes set), ours in this process,
   MMDetection's in its venv (bench/mmdet_train_step.py), images/s from the median step.
@@ -34,16 +35,50 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-from bench_model import mmdet_forward, photos, timed  # noqa: E402
+from bench_model import photos, timed  # noqa: E402
 
 from model import Detector, TestConfig, build_rtmdet  # noqa: E402
 from model.testing import fill_deterministic  # noqa: E402
 
-MMDET_REF = ROOT.parent / "shared" / "tools" / "mmdet_ref.py"
 MMDET_PY = Path(os.environ.get("MMDET_VENV", "/tmp/mmdet-ref-venv")) / "bin" / "python"
 
 
-def infer_row(size: str, batch: int, threads: int, seconds: float, use_mmdet: bool) -> dict:
+class MMDetPeer:
+    """bench/mmdet_peer.py in MMDetection's venv, kept running so its forwards interleave with ours."""
+
+    def __init__(self, threads: int) -> None:
+        self.proc = subprocess.Popen([str(MMDET_PY), str(BENCH / "mmdet_peer.py"), "--threads", str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = json.loads(self.proc.stdout.readline())
+
+    def forward_times(self, size: str, batch: int, n: int) -> list[float]:
+        self.proc.stdin.write(json.dumps({"size": size, "batch": batch, "img": 640, "n": n}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["times"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def interleaved(ours, peer_times, seconds: float, rounds: int) -> tuple[float, float | None]:
+    """Median seconds per call of `ours()` and of the peer, measured in alternating rounds of equal calls."""
+    ours()  # warm (the peer warms itself on a new shape)
+    t0 = time.perf_counter()
+    ours()
+    per_round = max(1, round(seconds / rounds / max(time.perf_counter() - t0, 1e-6)))
+    mine, theirs = [], []
+    for _ in range(rounds):
+        for _ in range(per_round):
+            t0 = time.perf_counter()
+            ours()
+            mine.append(time.perf_counter() - t0)
+        if peer_times is not None:
+            theirs += peer_times(per_round)
+    return statistics.median(mine), (statistics.median(theirs) if theirs else None)
+
+
+def infer_row(size: str, batch: int, threads: int, seconds: float, peer: MMDetPeer | None, rounds: int) -> dict:
     torch.set_num_threads(threads)
     model = fill_deterministic(build_rtmdet(size), 0)
     with torch.no_grad():  # a realistic score distribution: most priors are background
@@ -54,13 +89,13 @@ def infer_row(size: str, batch: int, threads: int, seconds: float, use_mmdet: bo
     imgs = photos(batch)
     x, infos = det.preprocess(imgs)
     cls, reg = det.forward(x)
-    t_fwd = timed(partial(det.forward, x), seconds)
+    t_fwd = timed(partial(det.forward, x), seconds / 2)
     t_post = timed(partial(det.postprocess, cls, reg, infos, TestConfig.serving()), seconds / 4)
     t_eval = timed(partial(det.postprocess, cls, reg, infos, TestConfig()), seconds / 4)
-    t_all = timed(partial(det, imgs), seconds)
-    peer = mmdet_forward(MMDET_REF, size, batch, threads, seconds) if use_mmdet else None
+    t_all, t_peer = interleaved(partial(det, imgs), partial(peer.forward_times, size, batch) if peer else None,
+                                2 * seconds, rounds)
     return {"what": "infer", "size": size, "input": 640, "batch": batch, "threads": threads,
-            "ours": batch / t_all, "peer": peer["img_per_s"] if peer else None,
+            "ours": batch / t_all, "peer": batch / t_peer if t_peer else None,
             "ours_forward": batch / t_fwd, "post@0.3": t_post / t_fwd, "post@0.001": t_eval / t_fwd,
             "accelerate": det.accelerate}
 
@@ -131,6 +166,7 @@ def main() -> int:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds of ours / MMDetection per row")
     ap.add_argument("--train-sizes", nargs="+", type=int, default=[320, 640])
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-steps", type=int, default=3)
@@ -138,18 +174,21 @@ def main() -> int:
     ap.add_argument("--no-infer", action="store_true")
     ap.add_argument("--no-mmdet", action="store_true")
     args = ap.parse_args()
-    use_mmdet = not args.no_mmdet and MMDET_REF.is_file() and MMDET_PY.is_file()
+    use_mmdet = not args.no_mmdet and MMDET_PY.is_file()
     if not use_mmdet and not args.no_mmdet:
-        print(f"MMDetection not found ({MMDET_REF}, {MMDET_PY}): peer columns read n/a", file=sys.stderr)
+        print(f"MMDetection not found ({MMDET_PY}): peer columns read n/a", file=sys.stderr)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for threads in args.threads:
             if not args.no_infer:
+                peer = MMDetPeer(threads) if use_mmdet else None
                 for size in args.sizes:
                     for b in args.batches:
-                        rows.append(infer_row(size, b, threads, args.seconds, use_mmdet))
+                        rows.append(infer_row(size, b, threads, args.seconds, peer, args.rounds))
                         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
                               flush=True)
+                if peer is not None:
+                    peer.close()
             if not args.no_train:
                 for img_size in args.train_sizes:
                     rows.append(train_row(img_size, args.train_batch, threads, args.train_steps, use_mmdet, tmp))
