@@ -12,7 +12,8 @@ Rows, each pair measured one right after the other with the same thread count an
   forward is shown at serving (score 0.3) and evaluation (0.001, nms_pre 30000) thresholds.
 - train: one training step (forward, assigner + loss, backward, AdamW; ours adds the EMA update) on the same
   prepared batches (real cached-Mosaic/MixUp loader output over a generated shapes set), ours in this process,
-  MMDetection's in its venv (bench/mmdet_train_step.py), images/s from the median step.
+  MMDetection's in its venv (bench/mmdet_train_step.py --serve), step i of each back to back; images/s from
+  the median step.
 MMDetection runs in /tmp/mmdet-ref-venv ($MMDET_VENV); without it the peer columns read n/a.
 """
 from __future__ import annotations
@@ -120,29 +121,39 @@ def train_row(img_size: int, batch: int, threads: int, steps: int, use_mmdet: bo
             break
     schedule = LrSchedule.from_config(trainer.optim_cfg, 1, len(batches))
     trainer.net.train()
-    times = []
-    for i, b in enumerate(batches):
-        t0 = time.perf_counter()
-        trainer.train_step(*b, schedule)
-        if i:  # the first step is warm-up
-            times.append(time.perf_counter() - t0)
-    ours = batch / statistics.median(times)
     peer = None
     if use_mmdet:
         path = os.path.join(tmp, f"batches{img_size}.pt")
         with torch.no_grad():
             torch.save([{"imgs": trainer.normalizer(imgs).contiguous(), "boxes": boxes, "labels": labels}
                         for imgs, boxes, labels in batches], path)
-        out = subprocess.run([str(MMDET_PY), str(BENCH / "mmdet_train_step.py"), "--batches", path, "--size", "tiny",
-                              "--num-classes", str(len(trainer.class_names)), "--threads", str(threads)],
-                             capture_output=True, text=True)
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-        if out.returncode == 0 and lines:
-            peer = json.loads(lines[-1])["img_per_s"]
-        else:
-            print(f"mmdet train step failed: {out.stderr[-2000:]}", file=sys.stderr)
+        peer = subprocess.Popen([str(MMDET_PY), str(BENCH / "mmdet_train_step.py"), "--batches", path, "--size",
+                                 "tiny", "--num-classes", str(len(trainer.class_names)), "--threads", str(threads),
+                                 "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        json.loads(peer.stdout.readline())
+
+    def peer_step(i: int) -> float:
+        peer.stdin.write(json.dumps({"step": i}) + "\n")
+        peer.stdin.flush()
+        return json.loads(peer.stdout.readline())["seconds"]
+
+    mine, theirs = [], []
+    for i, b in enumerate(batches):  # step i of each side back to back; step 0 is warm-up
+        t0 = time.perf_counter()
+        trainer.train_step(*b, schedule)
+        if i:
+            mine.append(time.perf_counter() - t0)
+        if peer is not None:
+            t = peer_step(i)
+            if i:
+                theirs.append(t)
+    if peer is not None:
+        peer.stdin.close()
+        peer.wait(timeout=60)
+    ours = batch / statistics.median(mine)
+    peer_ips = batch / statistics.median(theirs) if theirs else None
     return {"what": "train", "size": "tiny", "input": img_size, "batch": batch, "threads": threads,
-            "ours": ours, "peer": peer}
+            "ours": ours, "peer": peer_ips}
 
 
 def fmt(v, spec: str = ".2f", unit: str = "") -> str:

@@ -4,7 +4,10 @@
 Run by bench/bench_vs_mmdet.py (not imported: it needs MMDetection, which lives in /tmp/mmdet-ref-venv):
 
   /tmp/mmdet-ref-venv/bin/python bench/mmdet_train_step.py --batches b.pt --size tiny --num-classes 3 \
-      --threads 1 --warmup 1
+      --threads 1 --warmup 1            # all steps, one JSON line
+  ... --serve                            # one step per stdin line {"step": i} -> {"seconds": t}
+
+With --serve the caller alternates its own steps with these, so both see the same machine load.
 
 `b.pt` holds [{"imgs": normalised float B x 3 x H x W, "boxes": [(Ni, 4) xyxy], "labels": [(Ni,)]}, ...].
 One step = backbone + neck + head forward, `RTMDetHead.loss_by_feat` (DynamicSoftLabelAssigner, QFL, GIoU),
@@ -41,6 +44,7 @@ def main() -> None:
     ap.add_argument("--num-classes", type=int, default=80)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--serve", action="store_true")
     a = ap.parse_args()
     import torch
     if a.threads:
@@ -74,6 +78,13 @@ def main() -> None:
         opt.step()
         return float(loss)
 
+    if a.serve:
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            t0 = time.perf_counter()
+            step(batches[json.loads(line)["step"]])
+            print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+        return
     for b in batches[:a.warmup]:
         step(b)
     times = []
