@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: proto install triton-env test test-all lint fmt serve detect bench clean
+.PHONY: proto install triton-env test test-all lint fmt serve detect bench clean fuzz soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,3 +53,15 @@ clean:
 
 proto: install
 	$(PY) -m service.proto_build
+
+# Reliability (RELIABILITY.md): coverage-guided fuzzing of the image decoder (new corpus entries are merged into
+# tests/data/fuzz_corpus, replayed by the tests), and the 10-minute soak of both protocols at once.
+FUZZ_SECONDS ?= 120
+SOAK_SECONDS ?= 600
+
+fuzz: install
+	$(PY) bench/fuzz_decode.py --seconds $(FUZZ_SECONDS)
+
+soak: install
+	$(PY) bench/soak.py soak --duration-s $(SOAK_SECONDS) --out /tmp/rtmdet-soak-report.json
+	$(PY) bench/soak.py overload --duration-s 60 --out /tmp/rtmdet-overload-report.json

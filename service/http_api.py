@@ -164,20 +164,23 @@ def create_app(service: DetectionService, manage_lifecycle: bool = True) -> Fast
     async def run_detection(request: Request, score_threshold, max_detections, classes, timeout_ms) -> DetectOutcome:
         deadline = deadline_from(timeout_ms)
         params = service.params(score_threshold, max_detections, classes)
-        # The deadline covers the upload too, so a client that trickles its body (slowloris) is cut off
-        # and its connection released; it never holds a queue slot (admission comes after the read).
+        # The upload gets the server's request timeout (not the client's `timeout_ms`, which is about waiting
+        # for inference), so a client that trickles its body (slowloris) is cut off and its connection
+        # released; it never holds a queue slot (admission comes after the read).
         try:
             data = await asyncio.wait_for(read_image_bytes(request, settings.max_upload_bytes),
-                                          max(deadline - time.monotonic(), 0.0))
+                                          settings.request_timeout_s)
         except TimeoutError:
-            raise BodyTimeout("the request body did not arrive within the request's deadline") from None
+            raise BodyTimeout(f"the request body did not arrive within {settings.request_timeout_s:g} s "
+                              "(RTMDET_REQUEST_TIMEOUT_S)") from None
         return await service.detect_encoded(data, params, deadline)
 
     detect_query = dict(
         score_threshold=Query(None, ge=0.0, le=1.0, description="keep detections scoring above this"),
         max_detections=Query(None, ge=1, description="at most this many detections, best first"),
         classes=Query(None, description="class names to keep (repeat, or comma-separate)"),
-        timeout_ms=Query(None, gt=0, le=86_400_000, description="deadline for this request; default RTMDET_REQUEST_TIMEOUT_S"),
+        timeout_ms=Query(None, gt=0, le=86_400_000,
+                         description="deadline for this request; default RTMDET_REQUEST_TIMEOUT_S"),
     )
 
     @app.post("/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=DETECT_BODY,
@@ -222,7 +225,8 @@ def create_app(service: DetectionService, manage_lifecycle: bool = True) -> Fast
             return Status(status="ready")
         return JSONResponse({"status": service.not_ready_reason()}, status_code=503)
 
-    @app.get("/metrics", summary="Prometheus metrics (both protocols)")
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}},
+             summary="Prometheus metrics (both protocols)")
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 

@@ -1,0 +1,436 @@
+"""Load generator for `rtmdet serve`: HTTP and gRPC clients in their own processes, at once, each response
+checked against the expected detections for its image.
+
+    .venv/bin/python bench/soak.py soak --duration-s 600 --http-clients 8 --grpc-clients 8
+    .venv/bin/python bench/soak.py overload --duration-s 30 --http-clients 24 --grpc-clients 24
+
+`soak` starts a server (loopback, 1 torch thread) and runs closed-loop clients for the duration: every
+response is compared with what the bare `Detector` finds on the same decoded image; refusals must be
+explicit (HTTP 503 / gRPC RESOURCE_EXHAUSTED), anything else counts as an error. The server's resident
+memory is sampled from /proc every few seconds, the queue depth from /metrics; latency percentiles are
+reported per minute. `overload` runs clients at several times capacity against a small queue, then drops
+to one client and measures recovery. Both print a JSON report (and write it with `--out`).
+
+Everything is bounded: clients stop at the deadline or after `--max-requests` each, on 127.0.0.1 only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+MARGIN = 0.02  # detections this close to the threshold may flip with batch composition; they are not judged
+
+
+# -- what a right answer is -------------------------------------------------------------------------------
+def expected_detections(weights: Path, input_size: int, payloads: list[bytes]) -> list[list[dict]]:
+    """The bare Detector's answer for each encoded image, decoded the way the server decodes it."""
+    from model import Detector, TestConfig
+    from service.imaging import decode_image
+
+    det = Detector.from_checkpoint(weights, device="cpu", test_cfg=TestConfig.serving(input_size=input_size))
+    return [det([decode_image(p, 1 << 30, 1 << 30)])[0].to_list() for p in payloads]
+
+
+def same_detections(got: list[dict], want: list[dict], threshold: float) -> bool:
+    """Every detection clear of the threshold on either side is matched by label, box (1 px) and score (0.01)."""
+    def clear(d):
+        return d["score"] >= threshold + MARGIN
+
+    def found(d, pool):
+        return any(o["label"] == d["label"] and abs(o["score"] - d["score"]) < 0.01 and
+                   max(abs(a - b) for a, b in zip(o["box"], d["box"])) < 1.0 for o in pool)
+    return all(found(w, got) for w in want if clear(w)) and all(found(g, want) for g in got if clear(g))
+
+
+def test_images() -> list[np.ndarray]:
+    """Real photos in a few sizes, so that a response can only match its own request."""
+    from skimage import data
+
+    photos = [cv2.imread(str(REPO / "examples" / "astronaut.jpg")), data.chelsea()[..., ::-1], data.coffee()[..., ::-1]]
+    return [np.ascontiguousarray(cv2.resize(p, wh)) for p, wh in zip(photos, [(320, 320), (300, 220), (256, 180)])]
+
+
+# -- the server under test ----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_checkpoint(path: Path) -> Path:
+    """The service tests' deterministic checkpoint (boxes of all classes on real photos)."""
+    sys.path.insert(0, str(REPO / "tests" / "service"))
+    from svc_helpers import make_test_checkpoint
+
+    return make_test_checkpoint(path)
+
+
+class Server:
+    def __init__(self, weights: Path, log_path: Path, env: dict[str, str]) -> None:
+        self.http_port, self.grpc_port = free_port(), free_port()
+        self.http, self.grpc = f"http://127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
+        full_env = {**os.environ, "PYTHONPATH": str(REPO), "RTMDET_DEVICE": "cpu", "OMP_NUM_THREADS": "1",
+                    "RTMDET_DECODE_THREADS": "2", **env}
+        self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--weights", str(weights),
+                                      "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)],
+                                     cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.http}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server not ready")
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+        return float("nan")
+
+    def metric(self, name: str, **labels: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for fam in text_string_to_metric_families(httpx.get(f"{self.http}/metrics", timeout=10).text):
+            total += sum(s.value for s in fam.samples
+                         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        return total
+
+    def batch_p99_s(self) -> float:
+        """An upper bound on the 99th-percentile model step (inference + post-processing), from the histogram
+        buckets: the edge of the first bucket that holds 99 % of the batches, for each stage."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        total = 0.0
+        for stage in ("inference", "postprocess"):
+            buckets = []
+            for fam in text_string_to_metric_families(httpx.get(f"{self.http}/metrics", timeout=10).text):
+                buckets += [(float(s.labels["le"]), s.value) for s in fam.samples
+                            if s.name == "rtmdet_stage_duration_seconds_bucket" and s.labels.get("stage") == stage]
+            buckets.sort()
+            count = buckets[-1][1] if buckets else 0
+            total += next((le for le, c in buckets if c >= 0.99 * count), 0.0)
+        return total
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=120)
+        finally:
+            self.log.close()
+
+
+# -- clients (each in its own process) ------------------------------------------------------------------------
+@dataclass
+class ClientJob:
+    protocol: str  # "http" | "grpc"
+    target: str
+    api_key: str | None
+    payloads: list[bytes]
+    wants: list[list[dict]]
+    threshold: float
+    begin_s: float  # from the common start (set once every client is ready), when this one starts
+    end_s: float  # ... and stops
+    max_requests: int
+    backoff_s: float  # pause after a refusal (a polite client honouring Retry-After would wait longer)
+    offset: int = 0
+
+
+def _outcome_http(client: httpx.Client, job: ClientJob, i: int) -> tuple[str, float]:
+    """(outcome, the server's own total_ms for an answered request, else nan)."""
+    try:
+        r = client.post("/detect", content=job.payloads[i], headers={"Content-Type": "image/jpeg"})
+    except httpx.HTTPError as exc:
+        return f"http_exception:{type(exc).__name__}", float("nan")
+    if r.status_code == 200:
+        body = r.json()
+        right = same_detections(body["detections"], job.wants[i], job.threshold)
+        return ("ok" if right else "wrong"), body["timing"]["total_ms"]
+    return ("refused" if r.status_code == 503 else f"http_{r.status_code}"), float("nan")
+
+
+def _outcome_grpc(client, job: ClientJob, i: int) -> tuple[str, float]:
+    import grpc
+
+    from service.client import response_to_dict
+    try:
+        resp = client.detect_pb(job.payloads[i], timeout=120)
+    except grpc.RpcError as exc:
+        refused = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        return ("refused" if refused else f"grpc_{exc.code().name}"), float("nan")
+    right = same_detections(response_to_dict(resp)["detections"], job.wants[i], job.threshold)
+    return ("ok" if right else "wrong"), resp.timing.total_ms
+
+
+def run_client(job: ClientJob, out: mp.Queue, ready, go) -> None:
+    """Closed loop: the next request when the last one is answered.
+    Records (t_end, latency_s, outcome, server_ms). `ready` counts clients done importing and connecting;
+    `go` holds the common start time (0 until the parent sets it)."""
+    records: list[tuple[float, float, str, float]] = []
+    if job.protocol in ("http", "probe"):
+        headers = {"Authorization": f"Bearer {job.api_key}"} if job.api_key else {}
+        client = httpx.Client(base_url=job.target, headers=headers, timeout=120)
+        call = _outcome_http
+    else:
+        from service.client import GrpcDetectorClient
+        client = GrpcDetectorClient(job.target, api_key=job.api_key, timeout=120)
+        call = _outcome_grpc
+    try:
+        with ready.get_lock():
+            ready.value += 1
+        while go.value == 0.0:
+            time.sleep(0.01)
+        time.sleep(max(go.value + job.begin_s - time.time(), 0.0))
+        stop_at = go.value + job.end_s
+        n = 0
+        while time.time() < stop_at and n < job.max_requests:
+            i = (job.offset + n) % len(job.payloads)
+            t0 = time.time()
+            outcome, server_ms = call(client, job, i)
+            t1 = time.time()
+            records.append((t1, t1 - t0, outcome, server_ms))
+            n += 1
+            if outcome == "refused":
+                time.sleep(job.backoff_s)
+    finally:
+        client.close()
+    out.put((job.protocol, records))
+
+
+def run_clients(server: Server, protocols: list[str], payloads, wants, threshold: float, duration_s: float,
+                max_requests: int, backoff_s: float, api_key: str | None = None,
+                probe_s: float = 0.0) -> tuple[float, list]:
+    """All clients at once; returns (start time, [(protocol, t_end, latency, outcome, server_ms), ...]). With `probe_s`,
+    one more HTTP client ("probe") starts the moment the others stop and runs alone for `probe_s`."""
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()
+    ready, go = ctx.Value("i", 0), ctx.Value("d", 0.0)
+    procs = []
+    windows = [(proto, 0.0, duration_s) for proto in protocols]
+    if probe_s > 0:
+        windows.append(("probe", duration_s, duration_s + probe_s))
+    for k, (proto, t0, t1) in enumerate(windows):
+        job = ClientJob(proto, server.grpc if proto == "grpc" else server.http, api_key, payloads, wants, threshold,
+                        t0, t1, max_requests, backoff_s, offset=k)
+        p = ctx.Process(target=run_client, args=(job, out, ready, go), daemon=True)
+        p.start()
+        procs.append(p)
+    # Start together once every client process has imported (slow on a busy machine), so none misses its window.
+    deadline = time.time() + 300
+    while ready.value < len(procs):
+        if time.time() > deadline or not all(p.is_alive() for p in procs):
+            raise RuntimeError(f"only {ready.value} of {len(procs)} client processes got ready")
+        time.sleep(0.05)
+    start = time.time() + 0.2
+    go.value = start
+    results = []
+    for _ in procs:
+        proto, records = out.get(timeout=duration_s + probe_s + 300)
+        results += [(proto, *r) for r in records]
+    for p in procs:
+        p.join(timeout=30)
+    return start, results
+
+
+# -- reports --------------------------------------------------------------------------------------------------
+def pct(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    p = np.percentile(np.array(values) * 1000.0, [50, 95, 99])
+    return {"n": len(values), "p50_ms": round(float(p[0]), 1), "p95_ms": round(float(p[1]), 1),
+            "p99_ms": round(float(p[2]), 1), "max_ms": round(max(values) * 1000.0, 1)}
+
+
+def outcome_counts(results) -> dict:
+    counts: dict[str, int] = {}
+    for proto, _, _, outcome, _ in results:
+        key = f"{proto}:{outcome}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+@dataclass
+class Sampler:
+    """Server RSS and queue depth every `period_s`, in a thread."""
+
+    server: Server
+    period_s: float = 5.0
+    rss: list[tuple[float, float]] = field(default_factory=list)
+    depth: list[float] = field(default_factory=list)
+
+    def run(self, until: float) -> None:
+        while time.time() < until:
+            try:
+                self.rss.append((time.time(), self.server.rss_mib()))
+                self.depth.append(self.server.metric("rtmdet_queue_depth"))
+            except (OSError, httpx.HTTPError):
+                pass
+            time.sleep(self.period_s)
+
+
+def make_server(args, env: dict[str, str], workdir: Path) -> tuple[Server, Path]:
+    weights = Path(args.weights) if args.weights else test_checkpoint(workdir / "tiny3.pth")
+    env = {"RTMDET_INPUT_SIZE": str(args.input_size), "RTMDET_SCORE_THRESHOLD": str(args.threshold), **env}
+    server = Server(weights, workdir / "server.log", env)
+    server.wait_ready()
+    return server, weights
+
+
+def soak(args) -> dict:
+    import threading
+
+    workdir = Path(tempfile.mkdtemp(prefix="rtmdet-soak-"))
+    server, weights = make_server(args, {"RTMDET_MAX_BATCH_SIZE": str(args.max_batch_size),
+                                         "RTMDET_MAX_QUEUE_SIZE": str(args.max_queue_size),
+                                         "RTMDET_MAX_QUEUE_DELAY_MS": "5"}, workdir)
+    try:
+        payloads = [cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for img in test_images()]
+        wants = expected_detections(weights, args.input_size, payloads)
+        protocols = ["http"] * args.http_clients + ["grpc"] * args.grpc_clients
+        sampler = Sampler(server)
+        rss_start = server.rss_mib()
+        thread = threading.Thread(target=sampler.run, args=(time.time() + args.duration_s + 5,), daemon=True)
+        thread.start()
+        start, results = run_clients(server, protocols, payloads, wants, args.threshold, args.duration_s,
+                                     args.max_requests, backoff_s=0.01)
+        thread.join()
+        rss_end = server.rss_mib()
+    finally:
+        exit_code = server.stop()
+    minutes = []
+    for m in range(int(np.ceil(args.duration_s / 60.0))):
+        window = [r for r in results if start + 60 * m <= r[1] < start + 60 * (m + 1)]
+        server = pct([r[4] / 1000.0 for r in window if r[3] == "ok"])
+        minutes.append({"minute": m + 1, **pct([r[2] for r in window if r[3] == "ok"]),
+                        "server_p99_ms": server.get("p99_ms"), "refused": sum(r[3] == "refused" for r in window),
+                        "rss_mib": next((round(x, 1) for t, x in reversed(sampler.rss) if t < start + 60 * (m + 1)),
+                                        None)})
+    rss_after_warm = [r for t, r in sampler.rss if t >= start + min(60.0, args.duration_s / 4)]
+    ok = [lat for _, _, lat, o, _ in results if o == "ok"]
+    report = {
+        "mode": "soak", "duration_s": args.duration_s, "http_clients": args.http_clients,
+        "grpc_clients": args.grpc_clients, "max_batch_size": args.max_batch_size,
+        "max_queue_size": args.max_queue_size, "input_size": args.input_size,
+        "requests": len(results), "throughput_rps": round(len(results) / args.duration_s, 2),
+        "outcomes": outcome_counts(results), "wrong": sum(r[3] == "wrong" for r in results),
+        "errors": sum(r[3] not in ("ok", "refused") for r in results),
+        "latency_ok": pct(ok), "server_latency_ok": pct([r[4] / 1000.0 for r in results if r[3] == "ok"]),
+        "per_minute": minutes,
+        "queue_depth_nonzero_fraction": round(float(np.mean([d > 0 for d in sampler.depth])), 3)
+        if sampler.depth else None,
+        "rss_mib": {"at_start": round(rss_start, 1), "at_end": round(rss_end, 1),
+                    "max": round(max(r for _, r in sampler.rss), 1),
+                    "growth_after_first_minute": round(rss_after_warm[-1] - rss_after_warm[0], 1)
+                    if len(rss_after_warm) > 1 else None},
+        "server_exit_code": exit_code,
+    }
+    return report
+
+
+def overload(args) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="rtmdet-overload-"))
+    server, weights = make_server(args, {"RTMDET_MAX_BATCH_SIZE": str(args.max_batch_size),
+                                         "RTMDET_MAX_QUEUE_SIZE": str(args.max_queue_size),
+                                         "RTMDET_MAX_QUEUE_DELAY_MS": "5"}, workdir)
+    try:
+        payloads = [cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for img in test_images()]
+        wants = expected_detections(weights, args.input_size, payloads)
+        protocols = ["http"] * args.http_clients + ["grpc"] * args.grpc_clients
+        start, everything = run_clients(server, protocols, payloads, wants, args.threshold, args.duration_s,
+                                        args.max_requests, backoff_s=args.backoff_s, probe_s=args.recovery_s)
+        results = [r for r in everything if r[0] != "probe"]
+        after = [r for r in everything if r[0] == "probe"]
+        batches = server.metric("rtmdet_batch_size_count")
+        images = server.metric("rtmdet_batch_size_sum")
+        batch_p99_s = server.batch_p99_s()
+        batch_s = (server.metric("rtmdet_stage_duration_seconds_sum", stage="inference") +
+                   server.metric("rtmdet_stage_duration_seconds_sum", stage="postprocess")) / max(batches, 1)
+    finally:
+        exit_code = server.stop()
+    ok = [lat for _, _, lat, o, _ in results if o == "ok"]
+    refused = [lat for _, _, lat, o, _ in results if o == "refused"]
+    # An accepted request waits for at most the batches ahead of it (a full queue) plus its own and the one
+    # running: the bound the queue settings promise, in units of the measured mean batch time.
+    batches_ahead = int(np.ceil(args.max_queue_size / args.max_batch_size)) + 2
+    report = {
+        "mode": "overload", "duration_s": args.duration_s, "clients": len(protocols),
+        "max_batch_size": args.max_batch_size, "max_queue_size": args.max_queue_size,
+        "input_size": args.input_size, "requests": len(results),
+        "outcomes": outcome_counts(results), "wrong": sum(r[3] == "wrong" for r in results),
+        "errors": sum(r[3] not in ("ok", "refused") for r in results),
+        "accepted_rps": round(len(ok) / args.duration_s, 2), "refused_rps": round(len(refused) / args.duration_s, 2),
+        "latency_accepted": pct(ok), "latency_refused": pct(refused),
+        # the server's own view (admission to answer): what the queue settings bound
+        "server_latency_accepted": pct([r[4] / 1000.0 for r in results if r[3] == "ok"]),
+        "batches_run": batches, "images_run": images, "mean_batch_ms": round(batch_s * 1000.0, 1),
+        "queue_bound_ms": round(batches_ahead * batch_s * 1000.0, 1),
+        "batch_p99_upper_ms": round(batch_p99_s * 1000.0, 1),
+        "queue_bound_p99_ms": round(batches_ahead * batch_p99_s * 1000.0, 1),
+        "recovery": {"outcomes": outcome_counts(after), "latency": pct([r[2] for r in after if r[3] == "ok"]),
+                     "first_request_ms": round(after[0][2] * 1000.0, 1) if after else None,
+                     "sequence": [r[3] for r in sorted(after, key=lambda r: r[1])],
+                     # from the end of the overload window to the first accepted probe answer
+                     "first_ok_after_overload_ms": next((round((t - start - args.duration_s) * 1000.0, 1)
+                                                         for _, t, _, o, _ in after if o == "ok"), None)},
+        "server_exit_code": exit_code,
+    }
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["soak", "overload"])
+    p.add_argument("--duration-s", type=float, default=600.0)
+    p.add_argument("--http-clients", type=int, default=8)
+    p.add_argument("--grpc-clients", type=int, default=8)
+    p.add_argument("--max-requests", type=int, default=1_000_000, help="per client")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-queue-size", type=int, default=64)
+    p.add_argument("--input-size", type=int, default=320)
+    p.add_argument("--threshold", type=float, default=0.3)
+    p.add_argument("--recovery-s", type=float, default=5.0, help="overload: one client alone afterwards, for this long")
+    p.add_argument("--backoff-s", type=float, default=0.1, help="overload: a client's pause after a 503")
+    p.add_argument("--weights", help="default: the service tests' deterministic tiny checkpoint")
+    p.add_argument("--out", type=Path)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = soak(args) if args.mode == "soak" else overload(args)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0 if report["wrong"] == 0 and report["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
