@@ -115,7 +115,7 @@ content_types = st.sampled_from(["image/jpeg", "image/png", "application/octet-s
 valid_image = st.sampled_from([REAL_FILES[".jpg"], REAL_FILES[".png"]])
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=st.one_of(hostile_bytes, valid_image), params=query, ctype=content_types)
 def test_http_detect_answers_hostile_requests_with_4xx_and_a_message(server, body, params, ctype):
     r = httpx.post(f"{server.http}/detect", content=body, params=params,
@@ -140,7 +140,7 @@ def grpc_client(server):
         yield c
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(height=dims, width=dims, channels=st.integers(0, 2**32 - 1), data=st.binary(max_size=4096),
        encoded=st.one_of(st.none(), hostile_bytes), thr=st.one_of(st.none(), st.floats(width=32)),
        top=st.one_of(st.none(), st.integers(0, 2**32 - 1)))

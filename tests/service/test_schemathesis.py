@@ -21,7 +21,7 @@ def no_server_error(ctx, response, case):
 
 CHECKS = [no_server_error, checks.status_code_conformance, checks.content_type_conformance,
           checks.response_schema_conformance, checks.negative_data_rejection]
-EXAMPLES = 20  # per operation and mode: the whole file stays well under a minute
+EXAMPLES = 12  # per operation and mode: the whole file stays well under a minute
 
 
 @pytest.fixture(scope="module")
