@@ -76,7 +76,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     if a.serve:
         print(json.dumps({"ready": True}), flush=True)
