@@ -21,7 +21,7 @@ def service(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("svc")
     srv = ServerProcess(make_test_checkpoint(tmp / "tiny3.pth"), tmp / "server.log", RTMDET_MAX_BATCH_SIZE="4")
     try:
-        srv.wait_ready(timeout=120)
+        srv.wait_ready(timeout=300)
         yield srv
     finally:
         srv.stop()

@@ -90,6 +90,13 @@ class ServerProcess:
         finally:
             self.log.close()
 
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the process to exit by itself (after a signal the test already sent)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.log.close()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.terminate()

@@ -46,6 +46,6 @@ def test_serve_with_missing_weights_exits_with_a_clear_error(tmp_path):
     from svc_helpers import free_port
     proc = subprocess.run([sys.executable, "-m", "service", "serve", "--weights", str(tmp_path / "missing.pth"),
                            "--http-port", str(free_port()), "--grpc-port", str(free_port())],
-                          cwd=REPO, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO)})
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 2
     assert "missing.pth" in proc.stderr and "not found" in proc.stderr
