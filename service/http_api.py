@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from model.render import draw_detections
 from service.batcher import BatchFailed, DeadlineExceeded, NotAccepting, QueueFull
@@ -121,6 +122,9 @@ def install_error_handlers(app: FastAPI) -> None:
         BatchFailed: lambda e: error(500, str(e)),
         Unauthorized: lambda e: error(401, str(e), {"WWW-Authenticate": "Bearer"}),
         BodyTimeout: lambda e: error(408, str(e), {"Connection": "close"}),
+        # The client went away mid-upload: nobody will read an answer; 499 (nginx's "client closed request")
+        # only labels it in the metrics, instead of a traceback per disconnect in the log.
+        ClientDisconnect: lambda e: error(499, "client disconnected"),
     }
     for exc_type, make in handlers.items():
         app.add_exception_handler(exc_type, lambda request, exc, make=make: make(exc))

@@ -58,6 +58,10 @@ def test_clients_that_vanish_mid_upload_leave_nothing_behind(busy_server, photos
         sock.close()
     after = settled(busy_server)
     assert value(after, "rtmdet_batch_size_sum") == value(before, "rtmdet_batch_size_sum")  # nothing was run
+    gone = value(after, "rtmdet_requests_total", protocol="http", endpoint="/detect", status="499") - \
+        value(before, "rtmdet_requests_total", protocol="http", endpoint="/detect", status="499")
+    assert gone == 20  # each disconnect was noticed and counted (as 499), not left hanging
+    assert "Traceback" not in busy_server.log_path.read_text()
     assert http_detect(busy_server.http, data).status_code == 200
 
 
@@ -87,22 +91,25 @@ def test_cancelled_grpc_calls_are_dropped_before_inference(busy_server, photos):
     data = jpeg(photos["coffee"])
     before = settled(busy_server)
     with GrpcDetectorClient(busy_server.grpc, api_key=API_KEY, timeout=60) as gc, ThreadPoolExecutor(4) as pool:
-        busy = [pool.submit(http_detect, busy_server.http, data) for _ in range(4)]
+        busy = [pool.submit(http_detect, busy_server.http, data) for _ in range(8)]  # ~4 batches of work
         time.sleep(0.1)
         calls = [gc.stub.Detect.future(gc.request(data), timeout=60, metadata=gc.metadata) for _ in range(3)]
-        time.sleep(0.1)
+        end = time.monotonic() + 20
+        while value(samples(busy_server.http), "rtmdet_requests_in_flight", protocol="grpc") < 3:
+            assert time.monotonic() < end and not any(c.done() for c in calls), "gRPC calls never got queued"
+            time.sleep(0.02)
         for call in calls:
             call.cancel()
         for call in calls:
             with pytest.raises(grpc.FutureCancelledError):
                 call.result()
-        assert [f.result().status_code for f in busy] == [200] * 4
+        assert [f.result().status_code for f in busy] == [200] * 8
     after = settled(busy_server)
     ran = value(after, "rtmdet_batch_size_sum") - value(before, "rtmdet_batch_size_sum")
     dropped = value(after, "rtmdet_batcher_dropped_total", reason="cancelled") - \
         value(before, "rtmdet_batcher_dropped_total", reason="cancelled")
-    # A cancelled call either never reached the handler or was dropped unrun; at worst it was already in a batch.
-    assert ran <= 4 + 3 - dropped and dropped >= 1, (ran, dropped)
+    # The cancelled calls were inside the server; each was dropped unrun, unless its batch had already started.
+    assert dropped >= 1 and ran == 8 + 3 - dropped, (ran, dropped)
     assert http_detect(busy_server.http, data).status_code == 200
 
 

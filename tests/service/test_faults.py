@@ -18,8 +18,9 @@ from test_load import matches, samples, value
 from model import Detector, TestConfig
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-HANG_S = 4.0
-WATCHDOG_S = 1.0
+# The watchdog must stay clear of a normal (split) batch on a busy 2-core machine, and the hang well past it.
+HANG_S = 7.0
+WATCHDOG_S = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +86,13 @@ def health_status(target: str) -> int:
 
 def test_a_hung_model_step_trips_the_watchdog_and_readiness_tells_the_truth(fault_server, triggers, photos):
     data = jpeg(photos["chelsea"])
+    before = samples(fault_server.http)
     triggers["hang"].touch()
     t0 = time.monotonic()
     stuck = post(fault_server.http, data)
     waited = time.monotonic() - t0
     assert stuck.status_code == 500 and "watchdog" in stuck.json()["detail"], stuck.text
-    assert waited < HANG_S - 1.0  # answered by the watchdog, not after the hang
+    assert waited < HANG_S - 2.0  # answered by the watchdog, not after the hang
     # The stuck step is still sleeping: not ready (HTTP and gRPC health), yet requests still get answered.
     ready = httpx.get(f"{fault_server.http}/readyz", timeout=5)
     assert ready.status_code == 503 and ready.json()["status"].startswith("stalled"), ready.text
@@ -108,7 +110,7 @@ def test_a_hung_model_step_trips_the_watchdog_and_readiness_tells_the_truth(faul
         assert time.monotonic() < deadline, "gRPC health never came back"
         time.sleep(0.05)
     snap = samples(fault_server.http)
-    assert value(snap, "rtmdet_inference_timeouts_total") == 1
+    assert value(snap, "rtmdet_inference_timeouts_total") - value(before, "rtmdet_inference_timeouts_total") == 1
     assert value(snap, "rtmdet_inference_stalled") == 0
 
 
