@@ -15,6 +15,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage2-epochs", type=int, default=20, help="last epochs with the weak pipeline")
     p.add_argument("--out", required=True, help="run folder: checkpoints, logs, plots")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pth")
+    p.add_argument("--load-from", default=None, metavar="WEIGHTS",
+                   help="start from these weights (official or ours; a different class count re-initialises the "
+                        "classification convs) with a fresh schedule")
     p.add_argument("--workers", type=int, default=4, help="data loader worker processes per training process")
     p.add_argument("--val-interval", type=int, default=10, help="validate every K epochs (and after the last)")
     p.add_argument("--warmup-iters", type=int, default=1000)
@@ -37,7 +40,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(data=args.data, out=args.out, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
                       img_size=args.img_size, stage2_epochs=args.stage2_epochs, workers=args.workers,
                       val_interval=args.val_interval, seed=args.seed, device=args.device, amp=not args.no_amp,
-                      sync_bn=args.sync_bn, resume=args.resume, warmup_iters=args.warmup_iters, base_lr=args.base_lr,
+                      sync_bn=args.sync_bn, resume=args.resume, load_from=args.load_from, warmup_iters=args.warmup_iters, base_lr=args.base_lr,
                       log_interval=args.log_interval, save_interval=args.save_interval,
                       threads=args.threads, max_val_images=args.max_val_images,
                       progress=not args.no_progress)

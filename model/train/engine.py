@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.checkpoint import make_meta, read_checkpoint, save_checkpoint
+from model.checkpoint import load_state_dict_strict, make_meta, read_checkpoint, save_checkpoint
 from model.data.coco import CocoDetection
 from model.data.loader import build_train_loader
 from model.inference.preprocess import Normalizer
@@ -53,6 +53,7 @@ class TrainConfig:
     amp: bool = True  # only on CUDA
     sync_bn: bool = False  # only with several CUDA processes
     resume: bool = False
+    load_from: str | None = None  # start from these weights (fine-tuning); schedule, optimizer and epoch start fresh
     warmup_iters: int = 1000
     base_lr: float = 0.004  # for a total batch of 256; scaled linearly with the real total batch
     log_interval: int = 10
@@ -180,6 +181,8 @@ class Trainer:
         self.loader_stage = 0
         if cfg.resume:
             self._resume()
+        elif cfg.load_from:
+            self._load_weights(cfg.load_from)
         self.stage1_epochs = max(0, cfg.epochs - cfg.stage2_epochs)
 
     # ----------------------------------------------------------------------------------------- data
@@ -338,6 +341,15 @@ class Trainer:
                 extra["grad_scaler"] = self.scaler.state_dict()
         save_checkpoint(path, self.ema.module.state_dict(), self.meta(), **extra)
 
+    def _load_weights(self, path: str) -> None:
+        state, _ = read_checkpoint(path)
+        fresh = _init_from(self.model, state, source=path)
+        self.ema.module.load_state_dict(self.model.state_dict())
+        if self.dist.main:
+            note = f" ({len(fresh)} classification tensors re-initialised for {self.model.num_classes} classes)" \
+                if fresh else ""
+            print(f"initialised from {path}{note}", flush=True)
+
     def _resume(self) -> None:
         path = self.out / "last.pth"
         if not path.is_file():
@@ -355,6 +367,16 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         if self.dist.main:
             print(f"resumed from {path}: epoch {self.epoch}, iteration {self.iter}", flush=True)
+
+
+def _init_from(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Copy `state` into `model`; the classification convs may differ in class count (COCO weights fine-tuned
+    on another label set) and then keep their fresh initialisation. Returns the keys left fresh."""
+    own = model.state_dict()
+    fresh = [k for k, v in own.items()
+             if k.startswith("bbox_head.rtm_cls.") and k in state and state[k].shape != v.shape]
+    load_state_dict_strict(model, {**state, **{k: own[k] for k in fresh}}, source=source)
+    return fresh
 
 
 def _tensorboard(path: Path):

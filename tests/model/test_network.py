@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from model import SIZES, build_rtmdet, fused_for_inference
 from model.testing import fill_deterministic
@@ -91,3 +92,23 @@ def test_chained_pools_equal_parallel_5_9_13_pools():
 def test_unknown_size_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown RTMDet size 'xl'"):
         build_rtmdet("xl")
+
+
+def test_depthwise_convs_train_in_channels_last_with_the_same_values_and_gradients():
+    from model.nn.blocks import _DepthwiseConv2d
+
+    torch.manual_seed(0)
+    fast = _DepthwiseConv2d(8, 8, 5, padding=2, groups=8, bias=False)
+    plain = nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False)
+    plain.load_state_dict(fast.state_dict())
+    x1 = torch.randn(2, 8, 13, 11, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = fast(x1), plain(x2)
+    assert y1.is_contiguous()  # the rest of the network sees NCHW
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, plain.weight.grad, atol=1e-4, rtol=1e-5)
+    assert fast.state_dict().keys() == {"weight"}  # the official layout is untouched

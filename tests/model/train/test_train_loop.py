@@ -102,3 +102,37 @@ def test_two_process_ddp_on_cpu(shapes, tmp_path):
     assert ck["iter"] == 4 and int(ck["ema_state_dict"]["steps"]) == 4
     assert all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
     assert res.stdout.count("training RTMDet-tiny") == 1  # rank 0 alone prints
+
+
+def test_load_from_starts_a_fresh_schedule_on_given_weights(shapes, tmp_path):
+    Trainer(_cfg(shapes, tmp_path / "first", epochs=1)).run()
+    source = _load(tmp_path / "first" / "last.pth")["state_dict"]
+
+    trainer = Trainer(_cfg(shapes, tmp_path / "tuned", load_from=str(tmp_path / "first" / "last.pth")))
+    assert trainer.epoch == 0 and trainer.iter == 0  # weights only: no optimizer state, epoch or iteration
+    for name, state in (("model", trainer.model.state_dict()), ("ema", trainer.ema.module.state_dict())):
+        for k, v in source.items():
+            assert torch.equal(state[k], v), (name, k)
+
+
+def test_load_from_with_another_class_count_keeps_fresh_classifiers(shapes, tmp_path):
+    from model.checkpoint import save_checkpoint
+    from model.nn.rtmdet import build_rtmdet
+
+    torch.manual_seed(3)
+    coco = build_rtmdet("tiny", num_classes=80).state_dict()  # an "official" 80-class checkpoint
+    save_checkpoint(tmp_path / "coco.pth", coco)
+    trainer = Trainer(_cfg(shapes, tmp_path / "tuned", load_from=str(tmp_path / "coco.pth")))
+    state = trainer.model.state_dict()
+    assert state["bbox_head.rtm_cls.0.weight"].shape[0] == trainer.model.num_classes != 80
+    loaded = [k for k in coco if not k.startswith("bbox_head.rtm_cls.")]
+    assert all(torch.equal(state[k], coco[k]) for k in loaded)
+
+
+def test_load_from_rejects_weights_of_another_size(shapes, tmp_path):
+    from model.checkpoint import CheckpointError, save_checkpoint
+    from model.nn.rtmdet import build_rtmdet
+
+    save_checkpoint(tmp_path / "s.pth", build_rtmdet("s", num_classes=80).state_dict())
+    with pytest.raises(CheckpointError, match="s.pth"):
+        Trainer(_cfg(shapes, tmp_path / "tuned", load_from=str(tmp_path / "s.pth")))
