@@ -40,7 +40,8 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(data=args.data, out=args.out, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
                       img_size=args.img_size, stage2_epochs=args.stage2_epochs, workers=args.workers,
                       val_interval=args.val_interval, seed=args.seed, device=args.device, amp=not args.no_amp,
-                      sync_bn=args.sync_bn, resume=args.resume, load_from=args.load_from, warmup_iters=args.warmup_iters, base_lr=args.base_lr,
+                      sync_bn=args.sync_bn, resume=args.resume, load_from=args.load_from,
+                      warmup_iters=args.warmup_iters, base_lr=args.base_lr,
                       log_interval=args.log_interval, save_interval=args.save_interval,
                       threads=args.threads, max_val_images=args.max_val_images,
                       progress=not args.no_progress)
