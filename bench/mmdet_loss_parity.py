@@ -64,27 +64,9 @@ def run_ours(case: dict) -> dict:
 
 
 def mmdet_main(inp: str, out_path: str) -> None:  # runs inside the MMDetection venv
-    import types
-    class _Raise(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-
-            def op(*a, **k):
-                raise NotImplementedError(f"mmcv compiled op {name} is not available here")
-            return op
-    sys.modules.setdefault("mmcv._ext", _Raise("mmcv._ext"))
-    import glob
-
-    import mmdet
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.config import Config
+    from mmdet_model import build_mmdet_rtmdet  # bench/ is sys.path[0] when this runs as a script
     from mmengine.structures import InstanceData
-    register_all_modules(init_default_scope=True)
-    cfg_dir = glob.glob(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "rtmdet"))[0]
-    cfg = Config.fromfile(os.path.join(cfg_dir, "rtmdet_tiny_8xb32-300e_coco.py"))
-    head = MODELS.build(cfg.model).bbox_head
+    head = build_mmdet_rtmdet("tiny").bbox_head
     results = []
     for case in torch.load(inp, weights_only=True):
         cls = [c.clone().requires_grad_(True) for c in case["cls_scores"]]

@@ -12,33 +12,14 @@ cost does not depend on them); input is random (its cost does not depend on the 
   /tmp/mmdet-ref-venv/bin/python bench/mmdet_peer.py --threads 1
 """
 import argparse
-import glob
 import json
-import os
 import sys
 import time
-import types
 
 
 def build(size: str):
-    class _Raise(types.ModuleType):  # mmcv-lite has no compiled ops; the forward needs none
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-
-            def op(*a, **k):
-                raise NotImplementedError(f"mmcv compiled op {name} is not available here")
-            return op
-    sys.modules.setdefault("mmcv._ext", _Raise("mmcv._ext"))
-    import mmdet
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.config import Config
-    register_all_modules(init_default_scope=True)
-    cfg_dir = glob.glob(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "rtmdet"))[0]
-    cfg = Config.fromfile(os.path.join(cfg_dir, f"rtmdet_{size}_8xb32-300e_coco.py"))
-    cfg.model.backbone.init_cfg = None
-    return MODELS.build(cfg.model).eval()
+    from mmdet_model import build_mmdet_rtmdet  # bench/ is sys.path[0] when this runs as a script
+    return build_mmdet_rtmdet(size).eval()
 
 
 def main() -> None:

@@ -16,25 +16,10 @@ mmcv-lite has no compiled ops; the training step does not need them, so they are
 (as /work/shared/tools/mmdet_ref.py does).
 """
 import argparse
-import glob
 import json
-import os
 import statistics
 import sys
 import time
-import types
-
-
-def _shim_mmcv_ext() -> None:
-    class _Raise(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-
-            def op(*a, **k):
-                raise NotImplementedError(f"mmcv compiled op {name} is not available here")
-            return op
-    sys.modules.setdefault("mmcv._ext", _Raise("mmcv._ext"))
 
 
 def main() -> None:
@@ -49,18 +34,9 @@ def main() -> None:
     import torch
     if a.threads:
         torch.set_num_threads(a.threads)
-    _shim_mmcv_ext()
-    import mmdet
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    from mmengine.config import Config
+    from mmdet_model import build_mmdet_rtmdet  # bench/ is sys.path[0] when this runs as a script
     from mmengine.structures import InstanceData
-    register_all_modules(init_default_scope=True)
-    cfg_dir = glob.glob(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "rtmdet"))[0]
-    cfg = Config.fromfile(os.path.join(cfg_dir, f"rtmdet_{a.size}_8xb32-300e_coco.py"))
-    cfg.model.bbox_head.num_classes = a.num_classes
-    cfg.model.backbone.init_cfg = None  # no pretrained download
-    model = MODELS.build(cfg.model)
+    model = build_mmdet_rtmdet(a.size, a.num_classes)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=0.004, weight_decay=0.05)
     batches = torch.load(a.batches, weights_only=True)
