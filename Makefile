@@ -64,4 +64,5 @@ fuzz: install
 
 soak: install
 	$(PY) bench/soak.py soak --duration-s $(SOAK_SECONDS) --out /tmp/rtmdet-soak-report.json
-	$(PY) bench/soak.py overload --duration-s 60 --out /tmp/rtmdet-overload-report.json
+	$(PY) bench/soak.py overload --duration-s 60 --http-clients 24 --grpc-clients 24 --max-batch-size 2 \
+		--max-queue-size 4 --out /tmp/rtmdet-overload-report.json

@@ -18,10 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,43 +64,20 @@ def test_images() -> list[np.ndarray]:
 
 
 # -- the server under test ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(REPO / "tests" / "service"))
+from svc_helpers import ServerProcess, make_test_checkpoint  # noqa: E402  (the service tests' own server helper)
 
 
 def test_checkpoint(path: Path) -> Path:
     """The service tests' deterministic checkpoint (boxes of all classes on real photos)."""
-    sys.path.insert(0, str(REPO / "tests" / "service"))
-    from svc_helpers import make_test_checkpoint
-
     return make_test_checkpoint(path)
 
 
-class Server:
-    def __init__(self, weights: Path, log_path: Path, env: dict[str, str]) -> None:
-        self.http_port, self.grpc_port = free_port(), free_port()
-        self.http, self.grpc = f"http://127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
-        full_env = {**os.environ, "PYTHONPATH": str(REPO), "RTMDET_DEVICE": "cpu", "OMP_NUM_THREADS": "1",
-                    "RTMDET_DECODE_THREADS": "2", **env}
-        self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--weights", str(weights),
-                                      "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port)],
-                                     cwd=REPO, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+class Server(ServerProcess):
+    """`rtmdet serve` with one torch thread, plus what the soak samples: RSS, metrics, batch-time bounds."""
 
-    def wait_ready(self, timeout: float = 300) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.http}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server not ready")
+    def __init__(self, weights: Path, log_path: Path, env: dict[str, str]) -> None:
+        super().__init__(weights, log_path, **{"OMP_NUM_THREADS": "1", **env})
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -138,12 +111,7 @@ class Server:
         return total
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=120)
-        finally:
-            self.log.close()
+        return self.terminate(timeout=120)
 
 
 # -- clients (each in its own process) ------------------------------------------------------------------------

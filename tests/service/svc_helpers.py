@@ -82,11 +82,11 @@ class ServerProcess:
             time.sleep(0.2)
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_path.read_text()}")
 
-    def terminate(self) -> int:
+    def terminate(self, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=60)
+            return self.proc.wait(timeout=timeout)
         finally:
             self.log.close()
 
