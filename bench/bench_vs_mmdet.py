@@ -2,7 +2,7 @@
 """This project vs MMDetection 3.3.0, side by side in one run: one table (what `make bench` prints).
 
     .venv/bin/python bench/bench_vs_mmdet.py [--sizes tiny s] [--batches 1 8] [--threads 1 2] [--seconds 3]
-        [--train-sizes 320 640] [--train-batch 8] [--train-steps 3] [--no-train] [--no-infer]
+        [--train-sizes 320 640] [--train-batch 8] [--train-steps 4] [--no-train] [--no-infer]
 
 Rows, each pair measured one right after the other with the same thread count and environment:
 - infer: this project's whole Detector on real photos (letterbox, forward, decode, NMS at serving thresholds)
@@ -12,8 +12,9 @@ Rows, each pair measured one right after the other with the same thread count an
   forward is shown at serving (score 0.3) and evaluation (0.001, nms_pre 30000) thresholds.
 - train: one training step (forward, assigner + loss, backward, AdamW; ours adds the EMA update) on the same
   prepared batches (real cached-Mosaic/MixUp loader output over a generated shapes set), ours in this process,
-  MMDetection's in its venv (bench/mmdet_train_step.py --serve), step i of each back to back; images/s from
-  the median step.
+  MMDetection's in its venv (bench/mmdet_train_step.py --serve), step i of each back to back (which side goes
+  first alternates), the first 2 steps of each untimed (oneDNN builds its primitives then); images/s from the
+  median step.
 MMDetection runs in /tmp/mmdet-ref-venv ($MMDET_VENV); without it the peer columns read n/a.
 """
 from __future__ import annotations
@@ -101,6 +102,9 @@ def infer_row(size: str, batch: int, threads: int, seconds: float, peer: MMDetPe
             "accelerate": det.accelerate}
 
 
+WARMUP_STEPS = 2
+
+
 def train_row(img_size: int, batch: int, threads: int, steps: int, use_mmdet: bool, tmp: str) -> dict:
     from model.data.shapes import make_shapes_dataset
     from model.train.engine import TrainConfig, Trainer
@@ -109,7 +113,7 @@ def train_row(img_size: int, batch: int, threads: int, steps: int, use_mmdet: bo
     torch.set_num_threads(threads)
     data = os.path.join(tmp, f"shapes{img_size}")
     if not os.path.isdir(data):
-        make_shapes_dataset(data, batch * (steps + 1), 0, seed=0, img_size=img_size)
+        make_shapes_dataset(data, batch * (steps + WARMUP_STEPS), 0, seed=0, img_size=img_size)
     cfg = TrainConfig(data=data, out=os.path.join(tmp, "out"), size="tiny", epochs=1, batch_size=batch,
                       img_size=img_size, stage2_epochs=0, workers=0, device="cpu", threads=threads, progress=False,
                       warmup_iters=10)
@@ -117,7 +121,7 @@ def train_row(img_size: int, batch: int, threads: int, steps: int, use_mmdet: bo
     batches = []
     for b in trainer._loader_for(0):
         batches.append(b)
-        if len(batches) == steps + 1:
+        if len(batches) == steps + WARMUP_STEPS:
             break
     schedule = LrSchedule.from_config(trainer.optim_cfg, 1, len(batches))
     trainer.net.train()
@@ -137,16 +141,24 @@ def train_row(img_size: int, batch: int, threads: int, steps: int, use_mmdet: bo
         peer.stdin.flush()
         return json.loads(peer.stdout.readline())["seconds"]
 
+    # oneDNN creates its primitives during the first steps at a new shape, and they are several times slower;
+    # the first WARMUP_STEPS of each side are not timed. The side that goes first alternates step by step.
     mine, theirs = [], []
-    for i, b in enumerate(batches):  # step i of each side back to back; step 0 is warm-up
-        t0 = time.perf_counter()
-        trainer.train_step(*b, schedule)
-        if i:
-            mine.append(time.perf_counter() - t0)
-        if peer is not None:
-            t = peer_step(i)
-            if i:
-                theirs.append(t)
+    for i, b in enumerate(batches):
+        def ours_step(b=b) -> float:
+            t0 = time.perf_counter()
+            trainer.train_step(*b, schedule)
+            return time.perf_counter() - t0
+        order = [ours_step, peer_step] if i % 2 == 0 or peer is None else [peer_step, ours_step]
+        for side in order:
+            if side is ours_step:
+                t = ours_step()
+                if i >= WARMUP_STEPS:
+                    mine.append(t)
+            elif peer is not None:
+                t = peer_step(i)
+                if i >= WARMUP_STEPS:
+                    theirs.append(t)
     if peer is not None:
         peer.stdin.close()
         peer.wait(timeout=60)
@@ -180,7 +192,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4, help="alternating rounds of ours / MMDetection per row")
     ap.add_argument("--train-sizes", nargs="+", type=int, default=[320, 640])
     ap.add_argument("--train-batch", type=int, default=8)
-    ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--train-steps", type=int, default=4, help="timed steps per side, after 2 untimed")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-infer", action="store_true")
     ap.add_argument("--no-mmdet", action="store_true")
