@@ -134,19 +134,17 @@ def mixup(dest: Sample, src: Sample, img_scale: int, jitter: float, flip: bool, 
     return Sample(img=img, boxes=all_boxes, labels=all_labels, image_id=dest.image_id)
 
 
-class CachedMosaic(RandomTransform):
-    """Mosaic whose three partner images come from the cache (mmdet `CachedMosaic`).
+class _CachedTransform(RandomTransform):
+    """Keeps a cache of recent samples (filled by every call) to draw partners from; the cache shares the
+    transform's RNG so that `reseed` makes both reproducible."""
 
-    Until the cache holds more than four samples the input passes through unchanged, as in mmdet.
-    """
+    min_cached = 1  # the input passes through until the cache holds more than this many samples
 
-    def __init__(self, img_scale: int, max_cached_images: int = 40, random_pop: bool = True, prob: float = 1.0,
-                 center_ratio_range: tuple[float, float] = (0.5, 1.5), pad_value: int = PAD_VALUE,
-                 rng: np.random.Generator | None = None):
+    def __init__(self, img_scale: int, max_cached_images: int, random_pop: bool, prob: float, pad_value: int,
+                 rng: np.random.Generator | None):
         super().__init__(rng)
         self.img_scale = img_scale
         self.prob = prob
-        self.center_ratio_range = center_ratio_range
         self.pad_value = pad_value
         self.cache = SampleCache(max_cached_images, random_pop, self.rng)
 
@@ -154,11 +152,30 @@ class CachedMosaic(RandomTransform):
         super().reseed(seed)
         self.cache.rng = self.rng
 
-    def __call__(self, sample: Sample) -> Sample:
+    def _cache_and_decide(self, sample: Sample) -> bool:
+        """Cache `sample`; True when this call should mix (enough cached, and the probability draw says so)."""
         self.cache.push(sample)
-        if len(self.cache) <= 4:
-            return sample
-        if self.rng.uniform(0, 1) > self.prob:
+        if len(self.cache) <= self.min_cached:
+            return False
+        return self.rng.uniform(0, 1) <= self.prob
+
+
+class CachedMosaic(_CachedTransform):
+    """Mosaic whose three partner images come from the cache (mmdet `CachedMosaic`).
+
+    Until the cache holds more than four samples the input passes through unchanged, as in mmdet.
+    """
+
+    min_cached = 4
+
+    def __init__(self, img_scale: int, max_cached_images: int = 40, random_pop: bool = True, prob: float = 1.0,
+                 center_ratio_range: tuple[float, float] = (0.5, 1.5), pad_value: int = PAD_VALUE,
+                 rng: np.random.Generator | None = None):
+        super().__init__(img_scale, max_cached_images, random_pop, prob, pad_value, rng)
+        self.center_ratio_range = center_ratio_range
+
+    def __call__(self, sample: Sample) -> Sample:
+        if not self._cache_and_decide(sample):
             return sample
         partners = [self.cache.pick() for _ in range(3)]
         center = (int(self.rng.uniform(*self.center_ratio_range) * self.img_scale),
@@ -166,31 +183,20 @@ class CachedMosaic(RandomTransform):
         return mosaic([sample, *partners], self.img_scale, center, self.pad_value)
 
 
-class CachedMixUp(RandomTransform):
+class CachedMixUp(_CachedTransform):
     """MixUp with a partner drawn from the cache (mmdet `CachedMixUp`): up to `max_iters` draws to find one
     with boxes; passes the input through until the cache holds more than one sample, or with probability 1-prob."""
 
     def __init__(self, img_scale: int, max_cached_images: int = 20, random_pop: bool = True, prob: float = 1.0,
                  ratio_range: tuple[float, float] = (1.0, 1.0), flip_ratio: float = 0.5, max_iters: int = 15,
                  pad_value: int = PAD_VALUE, rng: np.random.Generator | None = None):
-        super().__init__(rng)
-        self.img_scale = img_scale
-        self.prob = prob
+        super().__init__(img_scale, max_cached_images, random_pop, prob, pad_value, rng)
         self.ratio_range = ratio_range
         self.flip_ratio = flip_ratio
         self.max_iters = max_iters
-        self.pad_value = pad_value
-        self.cache = SampleCache(max_cached_images, random_pop, self.rng)
-
-    def reseed(self, seed) -> None:
-        super().reseed(seed)
-        self.cache.rng = self.rng
 
     def __call__(self, sample: Sample) -> Sample:
-        self.cache.push(sample)
-        if len(self.cache) <= 1:
-            return sample
-        if self.rng.uniform(0, 1) > self.prob:
+        if not self._cache_and_decide(sample):
             return sample
         for _ in range(self.max_iters):
             partner = self.cache.pick()
