@@ -262,25 +262,30 @@ class Sampler:
             time.sleep(self.period_s)
 
 
-def make_server(args, env: dict[str, str], workdir: Path) -> tuple[Server, Path]:
+def start_run(args, mode: str) -> tuple[Server, list[bytes], list[list[dict]], list[str]]:
+    """A ready server with the run's batch/queue settings, the encoded test images, the right answer for each,
+    and one protocol per client."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"rtmdet-{mode}-"))
     weights = Path(args.weights) if args.weights else test_checkpoint(workdir / "tiny3.pth")
-    env = {"RTMDET_INPUT_SIZE": str(args.input_size), "RTMDET_SCORE_THRESHOLD": str(args.threshold), **env}
+    env = {"RTMDET_INPUT_SIZE": str(args.input_size), "RTMDET_SCORE_THRESHOLD": str(args.threshold),
+           "RTMDET_MAX_BATCH_SIZE": str(args.max_batch_size), "RTMDET_MAX_QUEUE_SIZE": str(args.max_queue_size),
+           "RTMDET_MAX_QUEUE_DELAY_MS": "5"}
     server = Server(weights, workdir / "server.log", env)
-    server.wait_ready()
-    return server, weights
+    try:
+        server.wait_ready()
+        payloads = [cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for img in test_images()]
+        wants = expected_detections(weights, args.input_size, payloads)
+    except BaseException:
+        server.stop()
+        raise
+    return server, payloads, wants, ["http"] * args.http_clients + ["grpc"] * args.grpc_clients
 
 
 def soak(args) -> dict:
     import threading
 
-    workdir = Path(tempfile.mkdtemp(prefix="rtmdet-soak-"))
-    server, weights = make_server(args, {"RTMDET_MAX_BATCH_SIZE": str(args.max_batch_size),
-                                         "RTMDET_MAX_QUEUE_SIZE": str(args.max_queue_size),
-                                         "RTMDET_MAX_QUEUE_DELAY_MS": "5"}, workdir)
+    server, payloads, wants, protocols = start_run(args, "soak")
     try:
-        payloads = [cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for img in test_images()]
-        wants = expected_detections(weights, args.input_size, payloads)
-        protocols = ["http"] * args.http_clients + ["grpc"] * args.grpc_clients
         sampler = Sampler(server)
         rss_start = server.rss_mib()
         thread = threading.Thread(target=sampler.run, args=(time.time() + args.duration_s + 5,), daemon=True)
@@ -322,14 +327,8 @@ def soak(args) -> dict:
 
 
 def overload(args) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix="rtmdet-overload-"))
-    server, weights = make_server(args, {"RTMDET_MAX_BATCH_SIZE": str(args.max_batch_size),
-                                         "RTMDET_MAX_QUEUE_SIZE": str(args.max_queue_size),
-                                         "RTMDET_MAX_QUEUE_DELAY_MS": "5"}, workdir)
+    server, payloads, wants, protocols = start_run(args, "overload")
     try:
-        payloads = [cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes() for img in test_images()]
-        wants = expected_detections(weights, args.input_size, payloads)
-        protocols = ["http"] * args.http_clients + ["grpc"] * args.grpc_clients
         start, everything = run_clients(server, protocols, payloads, wants, args.threshold, args.duration_s,
                                         args.max_requests, backoff_s=args.backoff_s, probe_s=args.recovery_s)
         results = [r for r in everything if r[0] != "probe"]

@@ -10,28 +10,12 @@ from torchvision.ops import batched_nms
 
 from model import Detector, TestConfig
 from model.boxes import distance2bbox, grid_priors
-from model.checkpoint import read_checkpoint
 from model.export import export_onnx
-from model.nn.rtmdet import build_rtmdet, fused_for_inference
+from model.nn.rtmdet import fused_for_inference
 from service.backends_onnx import OnnxBackend
-from tests.service.svc_helpers import CLASS_NAMES, ServerProcess, jpeg, make_test_checkpoint
+from tests.service.svc_helpers import CLASS_NAMES, ServerProcess, jpeg
 
 SIZE = 256
-
-
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    path = make_test_checkpoint(tmp_path_factory.mktemp("w") / "tiny3.pth")
-    m = build_rtmdet("tiny", num_classes=3)
-    m.load_state_dict(read_checkpoint(path)[0])
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def photos():
-    from skimage import data
-
-    return [np.ascontiguousarray(im[..., ::-1]) for im in (data.astronaut(), data.coffee()[:300, :200], data.chelsea())]
 
 
 @pytest.fixture(scope="module")

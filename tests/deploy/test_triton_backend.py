@@ -9,23 +9,13 @@ import numpy as np
 import pytest
 
 from model import Detector, TestConfig
-from model.checkpoint import read_checkpoint
 from model.export import export_onnx
-from model.nn.rtmdet import build_rtmdet
 from model.triton_repo import TritonModelConfig, write_triton_repository
 from service.backends_triton import TritonBackend, TritonSettings
 from tests.deploy.triton_server import TritonServer
-from tests.service.svc_helpers import CLASS_NAMES, ServerProcess, jpeg, make_test_checkpoint
+from tests.service.svc_helpers import CLASS_NAMES, ServerProcess, jpeg
 
 SIZE = 256
-
-
-@pytest.fixture(scope="module")
-def net(tmp_path_factory):
-    path = make_test_checkpoint(tmp_path_factory.mktemp("w") / "tiny3.pth")
-    m = build_rtmdet("tiny", num_classes=3)
-    m.load_state_dict(read_checkpoint(path)[0])
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +32,6 @@ def triton(net, tmp_path_factory):
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def photos():
-    from skimage import data
-
-    return [np.ascontiguousarray(im[..., ::-1]) for im in (data.astronaut(), data.coffee()[:300, :200], data.chelsea())]
 
 
 def settings(triton, **kw) -> TritonSettings:
