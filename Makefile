@@ -43,7 +43,7 @@ serve: install
 	$(VENV)/bin/rtmdet serve
 
 detect: install
-	$(VENV)/bin/rtmdet detect examples/astronaut.jpg
+	$(VENV)/bin/rtmdet detect examples/shapes.jpg
 
 bench: install
 	$(PY) bench/bench_vs_mmdet.py
