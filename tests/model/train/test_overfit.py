@@ -48,7 +48,10 @@ def _overfit(tmp_path, n_images, img_size, steps, lr):
 
 
 def test_overfit_few_images(tmp_path):
-    losses, stats = _overfit(tmp_path, n_images=2, img_size=128, steps=80, lr=0.02)
+    # At lr 0.02 the 80 steps were chaotic: gradients that differ by 4e-6 relative (the depthwise convs' memory
+    # layout) moved the final AP from 0.34 to 0.07. At 0.005 the two layouts ended at AP 0.256 and 0.265, AP50
+    # 0.47 and 0.50.
+    losses, stats = _overfit(tmp_path, n_images=2, img_size=128, steps=80, lr=0.005)
     early, late = np.mean(losses[5:10]), np.mean(losses[-5:])
     assert late < 0.6 * early, losses
     assert stats["AP50"] > 0.3 and stats["AP"] > 0.15, stats
