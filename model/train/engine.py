@@ -311,7 +311,9 @@ class Trainer:
                                     bbox=f"{row['loss_bbox']:.3f}", lr=f"{row['lr']:.2e}",
                                     img_s=f"{row['imgs_per_s']:.1f}")
                 if train_log is not None:
-                    train_log.write({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+                    # 6 significant digits for the measurements; the wall-clock time keeps its milliseconds.
+                    train_log.write({k: (f"{v:.6g}" if isinstance(v, float) and k != "time" else v)
+                                     for k, v in row.items()})
                 if writer is not None:
                     for k in ("loss", "loss_cls", "loss_bbox", "lr", "imgs_per_s"):
                         writer.add_scalar(f"train/{k}", row[k], self.iter)

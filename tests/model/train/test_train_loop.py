@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,8 @@ def test_resume_equals_uninterrupted_run(shapes, tmp_path):
                            b["ema_state_dict"]["module.bbox_head.rtm_reg.0.weight"])
     rows = list(csv.DictReader((tmp_path / "split" / "train_log.csv").open()))
     assert [int(r["iter"]) for r in rows] == [1, 2, 3, 4]  # the resumed run appends to the same log
+    times = [float(r["time"]) for r in rows]
+    assert times == sorted(times) and abs(times[-1] - time.time()) < 600  # wall-clock seconds, not rounded away
 
 
 def test_checkpoints_are_official_format_and_serve(shapes, tmp_path):
