@@ -130,7 +130,19 @@ def test_expired_requests_are_dropped_before_inference(tight_server, photos):
     before = samples(tight_server.http)
     with GrpcDetectorClient(tight_server.grpc, api_key=API_KEY, timeout=120) as gc, ThreadPoolExecutor(8) as pool:
         busy = [pool.submit(http_detect, tight_server.http, data) for _ in range(4)]  # keeps the worker busy
-        time.sleep(0.05)
+        # Send the late ones only once a batch of the busy ones is running (its jobs' queue wait is recorded as
+        # inference starts): anything sent later waits for that batch and expires. A fixed 50 ms sleep let a slow
+        # decode put a late request into the first batch (it then ran and was counted).
+        started = value(before, "rtmdet_stage_duration_seconds_count", stage="queue_wait")
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            snap = samples(tight_server.http)
+            if value(snap, "rtmdet_requests_in_flight", protocol="http") >= 4 and \
+                    value(snap, "rtmdet_stage_duration_seconds_count", stage="queue_wait") > started:
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail("the busy requests never reached a running batch")
         late_http = pool.submit(http_detect, tight_server.http, data, timeout_ms=30)
 
         def late_grpc():
