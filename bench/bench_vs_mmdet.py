@@ -141,24 +141,24 @@ def train_row(img_size: int, batch: int, threads: int, steps: int, use_mmdet: bo
         peer.stdin.flush()
         return json.loads(peer.stdout.readline())["seconds"]
 
+    def ours_step(b) -> float:
+        t0 = time.perf_counter()
+        trainer.train_step(*b, schedule)
+        return time.perf_counter() - t0
+
     # oneDNN creates its primitives during the first steps at a new shape, and they are several times slower;
     # the first WARMUP_STEPS of each side are not timed. The side that goes first alternates step by step.
     mine, theirs = [], []
     for i, b in enumerate(batches):
-        def ours_step(b=b) -> float:
-            t0 = time.perf_counter()
-            trainer.train_step(*b, schedule)
-            return time.perf_counter() - t0
-        order = [ours_step, peer_step] if i % 2 == 0 or peer is None else [peer_step, ours_step]
-        for side in order:
-            if side is ours_step:
-                t = ours_step()
-                if i >= WARMUP_STEPS:
-                    mine.append(t)
-            elif peer is not None:
-                t = peer_step(i)
-                if i >= WARMUP_STEPS:
-                    theirs.append(t)
+        peer_first = peer is not None and i % 2 == 1
+        t_peer = peer_step(i) if peer_first else None
+        t_ours = ours_step(b)
+        if peer is not None and not peer_first:
+            t_peer = peer_step(i)
+        if i >= WARMUP_STEPS:
+            mine.append(t_ours)
+            if t_peer is not None:
+                theirs.append(t_peer)
     if peer is not None:
         peer.stdin.close()
         peer.wait(timeout=60)

@@ -68,11 +68,6 @@ sys.path.insert(0, str(REPO / "tests" / "service"))
 from svc_helpers import ServerProcess, make_test_checkpoint  # noqa: E402  (the service tests' own server helper)
 
 
-def test_checkpoint(path: Path) -> Path:
-    """The service tests' deterministic checkpoint (boxes of all classes on real photos)."""
-    return make_test_checkpoint(path)
-
-
 class Server(ServerProcess):
     """`rtmdet serve` with one torch thread, plus what the soak samples: RSS, metrics, batch-time bounds."""
 
@@ -99,13 +94,11 @@ class Server(ServerProcess):
         buckets: the edge of the first bucket that holds 99 % of the batches, for each stage."""
         from prometheus_client.parser import text_string_to_metric_families
 
+        samples = [s for fam in text_string_to_metric_families(httpx.get(f"{self.http}/metrics", timeout=10).text)
+                   for s in fam.samples if s.name == "rtmdet_stage_duration_seconds_bucket"]
         total = 0.0
         for stage in ("inference", "postprocess"):
-            buckets = []
-            for fam in text_string_to_metric_families(httpx.get(f"{self.http}/metrics", timeout=10).text):
-                buckets += [(float(s.labels["le"]), s.value) for s in fam.samples
-                            if s.name == "rtmdet_stage_duration_seconds_bucket" and s.labels.get("stage") == stage]
-            buckets.sort()
+            buckets = sorted((float(s.labels["le"]), s.value) for s in samples if s.labels.get("stage") == stage)
             count = buckets[-1][1] if buckets else 0
             total += next((le for le, c in buckets if c >= 0.99 * count), 0.0)
         return total
@@ -266,7 +259,7 @@ def start_run(args, mode: str) -> tuple[Server, list[bytes], list[list[dict]], l
     """A ready server with the run's batch/queue settings, the encoded test images, the right answer for each,
     and one protocol per client."""
     workdir = Path(tempfile.mkdtemp(prefix=f"rtmdet-{mode}-"))
-    weights = Path(args.weights) if args.weights else test_checkpoint(workdir / "tiny3.pth")
+    weights = Path(args.weights) if args.weights else make_test_checkpoint(workdir / "tiny3.pth")
     env = {"RTMDET_INPUT_SIZE": str(args.input_size), "RTMDET_SCORE_THRESHOLD": str(args.threshold),
            "RTMDET_MAX_BATCH_SIZE": str(args.max_batch_size), "RTMDET_MAX_QUEUE_SIZE": str(args.max_queue_size),
            "RTMDET_MAX_QUEUE_DELAY_MS": "5"}
