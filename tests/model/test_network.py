@@ -112,3 +112,34 @@ def test_depthwise_convs_train_in_channels_last_with_the_same_values_and_gradien
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast.weight.grad, plain.weight.grad, atol=1e-4, rtol=1e-5)
     assert fast.state_dict().keys() == {"weight"}  # the official layout is untouched
+
+
+def test_channels_last_training_gives_the_nchw_losses_and_gradients():
+    # The Trainer runs the whole network in channels_last for speed; it must compute the same step.
+    from model.train.engine import standard_layout
+
+    torch.manual_seed(0)
+    nchw = build_rtmdet("tiny", num_classes=3).train()
+    cl = build_rtmdet("tiny", num_classes=3).to(memory_format=torch.channels_last).train()
+    cl.load_state_dict(nchw.state_dict())
+    x = torch.randn(2, 3, 96, 96)
+    boxes = [torch.tensor([[10.0, 12.0, 50.0, 60.0]]), torch.tensor([[30.0, 5.0, 90.0, 40.0], [0.0, 0.0, 20, 20]])]
+    labels = [torch.tensor([0]), torch.tensor([2, 1])]
+    totals = []
+    for net, inp in ((nchw, x), (cl, x.contiguous(memory_format=torch.channels_last))):
+        cls_scores, bbox_preds = net(inp)
+        losses = net.bbox_head.loss(cls_scores, bbox_preds, boxes, labels)
+        total = sum(losses["loss_cls"]) + sum(losses["loss_bbox"])
+        total.backward()
+        totals.append(total.detach())
+    torch.testing.assert_close(totals[0], totals[1], rtol=1e-5, atol=1e-6)
+    grads = dict(cl.named_parameters())
+    for name, p in nchw.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    # Written back in the official layout, the channels_last weights are the same numbers, contiguous.
+    saved = standard_layout(cl.state_dict())
+    assert all(v.is_contiguous() for v in saved.values())
+    for k, v in nchw.state_dict().items():  # BN running statistics moved in both forwards: close, not equal
+        torch.testing.assert_close(saved[k], v, rtol=1e-3, atol=1e-5, msg=k)
+    for k, p in nchw.named_parameters():
+        assert torch.equal(saved[k], p.detach()), k

@@ -70,6 +70,12 @@ def test_checkpoints_are_official_format_and_serve(shapes, tmp_path):
         ck = _load(out / name)
         assert class_names_from_meta(ck["meta"]) == [c["name"] for c in sorted(names, key=lambda c: c["id"])]
         assert len(ck["state_dict"]) == 476  # the official key set, aliases included
+        # The network trains in channels_last; what it writes is the official contiguous layout, and the head's
+        # convs shared across levels are still one tensor (not three copies).
+        for key in ("state_dict", "ema_state_dict") if name == "last.pth" else ("state_dict",):
+            assert all(v.is_contiguous() for v in ck[key].values()), key
+        shared = [ck["state_dict"][f"bbox_head.cls_convs.{level}.0.conv.weight"] for level in (0, 2)]
+        assert shared[0].data_ptr() == shared[1].data_ptr()
     assert set(_load(out / "best.pth")) == {"meta", "state_dict"}  # publishable as is
     det = Detector.from_checkpoint(out / "best.pth", size="tiny", device="cpu")
     assert det.class_names == class_names_from_meta(_load(out / "best.pth")["meta"])
