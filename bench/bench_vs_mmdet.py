@@ -2,7 +2,7 @@
 """This project vs MMDetection 3.3.0, side by side in one run: one table (what `make bench` prints).
 
     .venv/bin/python bench/bench_vs_mmdet.py [--sizes tiny s] [--batches 1 8] [--threads 1 2] [--seconds 3]
-        [--train-sizes 320 640] [--train-batch 8] [--train-steps 4] [--no-train] [--no-infer]
+        [--train-sizes 320 640] [--train-batch 8] [--train-steps 4] [--train-compile] [--no-train] [--no-infer]
 
 Rows, each pair measured one right after the other with the same thread count and environment:
 - infer: this project's whole Detector on real photos (letterbox, forward, decode, NMS at serving thresholds)
@@ -14,7 +14,8 @@ Rows, each pair measured one right after the other with the same thread count an
   prepared batches (real cached-Mosaic/MixUp loader output over a generated shapes set), ours in this process,
   MMDetection's in its venv (bench/mmdet_train_step.py --serve), step i of each back to back (which side goes
   first alternates), the first 2 steps of each untimed (oneDNN builds its primitives then); images/s from the
-  median step.
+  median step. The Trainer's defaults (eager, channels_last); `--train-compile` adds a row per size with
+  `rtmdet train --compile` (its compile happens in the untimed first step).
 MMDetection runs in /tmp/mmdet-ref-venv ($MMDET_VENV); without it the peer columns read n/a.
 """
 from __future__ import annotations
@@ -105,7 +106,8 @@ def infer_row(size: str, batch: int, threads: int, seconds: float, peer: MMDetPe
 WARMUP_STEPS = 2
 
 
-def train_row(img_size: int, batch: int, threads: int, steps: int, use_mmdet: bool, tmp: str) -> dict:
+def train_row(img_size: int, batch: int, threads: int, steps: int, use_mmdet: bool, tmp: str,
+              compile_net: bool = False) -> dict:
     from model.data.shapes import make_shapes_dataset
     from model.train.engine import TrainConfig, Trainer
     from model.train.schedule import LrSchedule
@@ -116,7 +118,7 @@ def train_row(img_size: int, batch: int, threads: int, steps: int, use_mmdet: bo
         make_shapes_dataset(data, batch * (steps + WARMUP_STEPS), 0, seed=0, img_size=img_size)
     cfg = TrainConfig(data=data, out=os.path.join(tmp, "out"), size="tiny", epochs=1, batch_size=batch,
                       img_size=img_size, stage2_epochs=0, workers=0, device="cpu", threads=threads, progress=False,
-                      warmup_iters=10)
+                      warmup_iters=10, compile=compile_net)
     trainer = Trainer(cfg)
     batches = []
     for b in trainer._loader_for(0):
@@ -164,8 +166,8 @@ def train_row(img_size: int, batch: int, threads: int, steps: int, use_mmdet: bo
         peer.wait(timeout=60)
     ours = batch / statistics.median(mine)
     peer_ips = batch / statistics.median(theirs) if theirs else None
-    return {"what": "train", "size": "tiny", "input": img_size, "batch": batch, "threads": threads,
-            "ours": ours, "peer": peer_ips}
+    return {"what": "train (compiled)" if compile_net else "train", "size": "tiny", "input": img_size,
+            "batch": batch, "threads": threads, "ours": ours, "peer": peer_ips}
 
 
 def fmt(v, spec: str = ".2f", unit: str = "") -> str:
@@ -193,6 +195,7 @@ def main() -> int:
     ap.add_argument("--train-sizes", nargs="+", type=int, default=[320, 640])
     ap.add_argument("--train-batch", type=int, default=8)
     ap.add_argument("--train-steps", type=int, default=4, help="timed steps per side, after 2 untimed")
+    ap.add_argument("--train-compile", action="store_true", help="also time `rtmdet train --compile`'s step")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-infer", action="store_true")
     ap.add_argument("--no-mmdet", action="store_true")
@@ -214,9 +217,11 @@ def main() -> int:
                     peer.close()
             if not args.no_train:
                 for img_size in args.train_sizes:
-                    rows.append(train_row(img_size, args.train_batch, threads, args.train_steps, use_mmdet, tmp))
-                    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
-                          flush=True)
+                    for compile_net in (False, True) if args.train_compile else (False,):
+                        rows.append(train_row(img_size, args.train_batch, threads, args.train_steps, use_mmdet, tmp,
+                                              compile_net))
+                        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                                          for k, v in rows[-1].items()}), flush=True)
     print_table(rows)
     cpu_lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     cpu = next((ln.split(":", 1)[1].strip() for ln in cpu_lines if ln.startswith("model name")), "?")

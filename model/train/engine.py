@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # only on CUDA
     sync_bn: bool = False  # only with several CUDA processes
+    compile: bool = False  # torch.compile the network (inductor fuses BatchNorm + SiLU, forward and backward)
     resume: bool = False
     load_from: str | None = None  # start from these weights (fine-tuning); schedule, optimizer and epoch start fresh
     warmup_iters: int = 1000
@@ -179,6 +180,11 @@ class Trainer:
                 self.net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
+        if cfg.compile:
+            # Static shapes: a training run sees one input size (plus a smaller last batch), and a graph per
+            # shape is faster than one symbolic graph. Only the forward pass is compiled (its backward with
+            # it); the loss, with its per-image box counts, stays eager. `self.model` keeps the plain keys.
+            self.net = torch.compile(self.net, dynamic=False)
 
         self.epoch, self.iter, self.best_ap = 0, 0, -1.0
         self.loader = None
