@@ -17,6 +17,7 @@ import uvicorn
 
 from service.grpc_api import create_grpc_server, set_serving
 from service.http_api import create_app
+from service.http_protocol import head_deadline_protocol
 from service.pipeline import DetectionService
 from service.settings import ServiceSettings
 
@@ -49,7 +50,8 @@ async def serve(settings: ServiceSettings) -> int:
     grpc_server, health, grpc_port = create_grpc_server(service, f"{settings.host}:{settings.grpc_port}")
     await set_serving(health, False)
     config = uvicorn.Config(app, host=settings.host, port=settings.http_port, lifespan="off", log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1))
+                            access_log=False, timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1),
+                            http=head_deadline_protocol(settings.header_timeout_s))
     http = _UvicornServer(config)
 
     stop = asyncio.Event()

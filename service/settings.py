@@ -42,6 +42,7 @@ class ServiceSettings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0.0)
     max_queue_size: int = Field(64, ge=1)
     request_timeout_s: float = Field(30.0, gt=0.0)  # HTTP deadline unless the request sets `timeout_ms`
+    header_timeout_s: float = Field(10.0, gt=0.0)  # for an HTTP request line + headers, from connect or last reply
     # Watchdog: a model step (forward + post-processing of one batch) running longer than this fails its
     # requests (500/INTERNAL) and the batcher carries on in a fresh thread; 0 turns it off.
     inference_timeout_s: float = Field(60.0, ge=0.0)
