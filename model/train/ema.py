@@ -44,10 +44,11 @@ class ExpMomentumEMA:
                 v.copy_(src[k])
         else:
             m = self.momentum_at(self.steps)
+            floats = [k for k, v in avg.items() if v.dtype.is_floating_point]
+            # avg + m * (src - avg) = (1 - m) * avg + m * src, over all tensors in one call.
+            torch._foreach_lerp_([avg[k] for k in floats], [src[k].to(avg[k].dtype) for k in floats], m)
             for k, v in avg.items():
-                if v.dtype.is_floating_point:
-                    v.mul_(1 - m).add_(src[k].to(v.dtype), alpha=m)
-                else:
+                if not v.dtype.is_floating_point:
                     v.copy_(src[k])
         self.steps += 1
 
