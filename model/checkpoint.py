@@ -99,12 +99,26 @@ def infer_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:
     return int(w.shape[0]) if w is not None else None
 
 
+def standard_layout(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` on the CPU in the contiguous (NCHW) layout of the official checkpoints, keeping aliases shared:
+    the head's convs shared across levels stay one tensor under several keys, as in the model."""
+    by_storage: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+        if key not in by_storage:
+            by_storage[key] = v.detach().cpu().contiguous()
+        out[k] = by_storage[key]
+    return out
+
+
 def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], meta: Mapping | None = None,
                     **extra) -> None:
-    """Write `{'meta', 'state_dict', **extra}` atomically: a crash never leaves a half-written file."""
+    """Write `{'meta', 'state_dict', **extra}` atomically: a crash never leaves a half-written file. The weights
+    go in the official contiguous layout whatever memory format the model runs in."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": dict(meta or {}), "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()}, **extra}
+    payload = {"meta": dict(meta or {}), "state_dict": standard_layout(state_dict), **extra}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
         # safetensors refuses aliased storage; the head's shared convs are aliases, so copy.

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.checkpoint import load_state_dict_strict, make_meta, read_checkpoint, save_checkpoint
+from model.checkpoint import load_state_dict_strict, make_meta, read_checkpoint, save_checkpoint, standard_layout
 from model.data.coco import CocoDetection
 from model.data.loader import build_train_loader
 from model.inference.preprocess import Normalizer
@@ -161,7 +161,7 @@ class Trainer:
 
         # The whole network trains in channels_last: oneDNN's CPU convolutions (forward and backward) and
         # cuDNN's tensor-core kernels are faster in it, and the layout then never changes inside the network.
-        # Checkpoints are still written in the standard layout (`standard_layout`).
+        # Checkpoints are still written in the standard layout (`model.checkpoint.standard_layout`).
         model = build_rtmdet(cfg.size, num_classes=self.train_set.num_classes).to(
             self.device, memory_format=torch.channels_last)
         self.model = model
@@ -351,7 +351,7 @@ class Trainer:
                      "train_config": {k: v for k, v in asdict(self.cfg).items() if v is not None}}
             if self.use_amp:
                 extra["grad_scaler"] = self.scaler.state_dict()
-        save_checkpoint(path, standard_layout(self.ema.module.state_dict()), self.meta(), **extra)
+        save_checkpoint(path, self.ema.module.state_dict(), self.meta(), **extra)
 
     def _load_weights(self, path: str) -> None:
         state, _ = read_checkpoint(path)
@@ -379,19 +379,6 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         if self.dist.main:
             print(f"resumed from {path}: epoch {self.epoch}, iteration {self.iter}", flush=True)
-
-
-def standard_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` on the CPU in the contiguous (NCHW) layout of the official checkpoints, keeping aliases shared:
-    the head's convs shared across levels stay one tensor under several keys, as in the model."""
-    by_storage: dict[tuple, torch.Tensor] = {}
-    out = {}
-    for k, v in state.items():
-        key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
-        if key not in by_storage:
-            by_storage[key] = v.detach().cpu().contiguous()
-        out[k] = by_storage[key]
-    return out
 
 
 def _init_from(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> list[str]:

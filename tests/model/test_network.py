@@ -116,7 +116,7 @@ def test_depthwise_convs_train_in_channels_last_with_the_same_values_and_gradien
 
 def test_channels_last_training_gives_the_nchw_losses_and_gradients():
     # The Trainer runs the whole network in channels_last for speed; it must compute the same step.
-    from model.train.engine import standard_layout
+    from model.checkpoint import standard_layout
 
     torch.manual_seed(0)
     nchw = build_rtmdet("tiny", num_classes=3).train()

@@ -48,6 +48,14 @@ def make_test_checkpoint(path: Path) -> Path:
     return path
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    out = b""
+    while chunk := sock.recv(4096):
+        out += chunk
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import pytest
-from svc_helpers import API_KEY, ServerProcess, jpeg
+from svc_helpers import API_KEY, ServerProcess, jpeg, read_until_closed
 from test_load import http_detect, samples, value
 
 from service.client import GrpcDetectorClient
@@ -102,9 +102,7 @@ def test_header_slowloris_is_cut_at_the_head_deadline_and_does_not_delay_others(
         normal_s = time.monotonic() - t1
         for sock in tricklers:  # RTMDET_HEADER_TIMEOUT_S=2: a 408 that names the setting, then the close
             sock.settimeout(15)
-            reply = b""
-            while chunk := sock.recv(4096):
-                reply += chunk
+            reply = read_until_closed(sock)
             assert reply.startswith(b"HTTP/1.1 408") and b"RTMDET_HEADER_TIMEOUT_S" in reply, reply[:200]
     finally:
         for sock in tricklers:

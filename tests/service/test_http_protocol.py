@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 import uvicorn
-from svc_helpers import free_port
+from svc_helpers import free_port, read_until_closed
 
 from service.http_protocol import head_deadline_protocol
 
@@ -49,13 +49,6 @@ def server(request):
 
 def connect(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=10)
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    out = b""
-    while chunk := sock.recv(4096):
-        out += chunk
-    return out
 
 
 def test_a_head_trickled_past_the_deadline_gets_408_and_is_closed(server):
