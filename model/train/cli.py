@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +20,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
                    help="start from these weights (official or ours; a different class count re-initialises the "
                         "classification convs) with a fresh schedule")
     p.add_argument("--workers", type=int, default=4, help="data loader worker processes per training process")
+    p.add_argument("--loader-timeout", type=float, default=None, metavar="SECONDS",
+                   help="end the run with an error naming the worker when no batch arrives for this long "
+                        "(default 300)")
     p.add_argument("--val-interval", type=int, default=10, help="validate every K epochs (and after the last)")
     p.add_argument("--warmup-iters", type=int, default=1000)
     p.add_argument("--base-lr", type=float, default=0.004, help="AdamW lr for a total batch of 256 (scaled linearly)")
@@ -37,6 +41,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from model.data.loader import DataLoaderStalled
     from model.train.engine import TrainConfig, train
 
     cfg = TrainConfig(data=args.data, out=args.out, size=args.size, epochs=args.epochs, batch_size=args.batch_size,
@@ -46,8 +51,13 @@ def run_train(args: argparse.Namespace) -> int:
                       warmup_iters=args.warmup_iters, base_lr=args.base_lr,
                       log_interval=args.log_interval, save_interval=args.save_interval,
                       threads=args.threads, max_val_images=args.max_val_images,
-                      progress=not args.no_progress)
-    result = train(cfg)
+                      progress=not args.no_progress,
+                      **({} if args.loader_timeout is None else {"loader_timeout_s": args.loader_timeout}))
+    try:
+        result = train(cfg)
+    except DataLoaderStalled as e:
+        print(f"rtmdet train: {e}", file=sys.stderr)
+        return 1
     if result is not None:
         print(json.dumps({k: v for k, v in result.items() if k != "last_val"} | {"last_val": result["last_val"]}))
     return 0

@@ -25,7 +25,7 @@ from torch import nn
 
 from model.checkpoint import load_state_dict_strict, make_meta, read_checkpoint, save_checkpoint, standard_layout
 from model.data.coco import CocoDetection
-from model.data.loader import build_train_loader
+from model.data.loader import DEFAULT_LOADER_TIMEOUT_S, DataLoaderStalled, batches, build_train_loader
 from model.inference.preprocess import Normalizer
 from model.nn.rtmdet import build_rtmdet
 from model.train.ema import ExpMomentumEMA
@@ -58,6 +58,7 @@ class TrainConfig:
     warmup_iters: int = 1000
     base_lr: float = 0.004  # for a total batch of 256; scaled linearly with the real total batch
     log_interval: int = 10
+    loader_timeout_s: float = DEFAULT_LOADER_TIMEOUT_S  # a batch later than this from a worker ends the run
     save_interval: int = 1  # epochs between last.pth writes (always after the last epoch)
     threads: int = 0  # torch CPU threads per process; 0 keeps torch's default
     val_batch_size: int = 8
@@ -204,7 +205,8 @@ class Trainer:
         if self.loader is None or stage != self.loader_stage:
             self.loader = None  # drop the old loader (and its worker processes) before starting new ones
             self.loader = build_train_loader(self.train_set, self.cfg.size, self.cfg.img_size, self.cfg.batch_size,
-                                             self.cfg.workers, stage, self.dist.world > 1, self.cfg.seed)
+                                             self.cfg.workers, stage, self.dist.world > 1, self.cfg.seed,
+                                             timeout_s=self.cfg.loader_timeout_s)
             self.loader_stage = stage
         # Every epoch's shuffle (and, without workers, its augmentation stream) is a function of
         # (seed, epoch), so a resumed run draws the same batches as an uninterrupted one.
@@ -287,6 +289,13 @@ class Trainer:
                     if self.dist.main and self.epoch % max(cfg.save_interval, 1) != 0:
                         self.save(self.out / "last.pth")
                     break
+        except DataLoaderStalled as e:
+            # The run cannot go on; say so with what the user needs to continue it. Nothing of this epoch was
+            # written, so the last checkpoint is the one a resumed run starts from.
+            last = self.out / "last.pth"
+            where = f"{last} (epoch {self.epoch}), continue with --resume" if last.is_file() else \
+                "no checkpoint written yet"
+            raise DataLoaderStalled(f"{e} at epoch {self.epoch + 1}; last checkpoint: {where}") from e
         finally:
             if writer is not None:
                 writer.close()
@@ -306,7 +315,7 @@ class Trainer:
                        dynamic_ncols=True, leave=True)
         window: list[dict] = []
         t_last = time.perf_counter()
-        for imgs, boxes, labels in loader:
+        for imgs, boxes, labels in batches(loader, self.stage_of(epoch)):
             window.append(self.train_step(imgs, boxes, labels, schedule) | {"n": imgs.shape[0] * self.dist.world})
             if bar is not None:
                 bar.update(1)
