@@ -128,7 +128,8 @@ def sha256_of(path: Path) -> str:
 
 
 def fetch(entry: ZooEntry, base_url: str | None = None, cache: Path | None = None, progress: bool = True,
-          timeout_s: float = 30.0, attempts: int = 3, lock_timeout_s: float = 3600.0) -> Path:
+          timeout_s: float = 30.0, attempts: int = 3, retry_delay_s: float = 1.0,
+          lock_timeout_s: float = 3600.0) -> Path:
     """The verified local copy of `entry`, downloaded if the cache does not hold it."""
     folder = cache or cache_dir()
     final = folder / entry.filename
@@ -139,7 +140,7 @@ def fetch(entry: ZooEntry, base_url: str | None = None, cache: Path | None = Non
     with _FileLock(folder / (entry.filename + ".lock"), lock_timeout_s):
         if final.is_file():
             return _checked_cached(entry, final)
-        _download_verified(entry, entry.url(base_url), folder, final, progress, timeout_s, attempts)
+        _download_verified(entry, entry.url(base_url), folder, final, progress, timeout_s, attempts, retry_delay_s)
     return final
 
 
@@ -153,12 +154,11 @@ def _checked_cached(entry: ZooEntry, path: Path) -> Path:
 
 
 def _download_verified(entry: ZooEntry, url: str, folder: Path, final: Path, progress: bool, timeout_s: float,
-                       attempts: int) -> None:
+                       attempts: int, retry_delay_s: float) -> None:
     part = folder / (entry.filename + ".part")
-    resumed_bad = False
     for attempt in range(1, attempts + 1):
         try:
-            _download(url, part, progress, timeout_s)
+            resumed = _download(url, part, progress, timeout_s)
         except _Offline as exc:
             raise ZooError(f"cannot download {entry.name} from {url} ({exc}); put {entry.filename} into "
                            f"{folder} (sha256 {entry.sha256[:16]}...), or set ${HOME_ENV}/${BASE_URL_ENV}") from None
@@ -167,7 +167,7 @@ def _download_verified(entry: ZooEntry, url: str, folder: Path, final: Path, pro
                 raise ZooError(f"download of {entry.name} from {url} kept failing ({exc}); {part.stat().st_size} "
                                f"bytes are kept in {part} and the next run resumes from there") from None
             print(f"download of {entry.name} interrupted ({exc}); resuming", file=sys.stderr, flush=True)
-            time.sleep(min(2.0 ** (attempt - 1), 10.0))
+            time.sleep(retry_delay_s * attempt)
             continue
         digest = sha256_of(part)
         if entry.matches(digest):
@@ -175,9 +175,8 @@ def _download_verified(entry: ZooEntry, url: str, folder: Path, final: Path, pro
             _fsync_dir(folder)
             return
         part.unlink()
-        if not resumed_bad and attempt < attempts:
-            # The kept part may come from an older, different file on the server: start over once.
-            resumed_bad = True
+        if resumed and attempt < attempts:
+            # The kept part may come from an older, different file on the server, or be damaged: start over.
             continue
         raise ZooError(f"{url}: downloaded file has sha256 {digest[:16]}..., expected {entry.sha256[:16]}... for "
                        f"{entry.name}; deleted it")
@@ -191,15 +190,16 @@ class _Interrupted(Exception):
     """The connection broke after the download started; what arrived is kept in the .part file."""
 
 
-def _download(url: str, part: Path, progress: bool, timeout_s: float) -> None:
-    """Append the rest of `url` to `part` (a Range request from its current size), fsync it."""
+def _download(url: str, part: Path, progress: bool, timeout_s: float) -> bool:
+    """Append the rest of `url` to `part` (a Range request from its current size), fsync it. True when what
+    `part` held before was kept (resumed), False when the file came whole."""
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=timeout_s)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # nothing left past what we have: the part may be complete, let the hash say
-            return
+            return True
         raise _Offline(f"HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -233,6 +233,7 @@ def _download(url: str, part: Path, progress: bool, timeout_s: float) -> None:
             os.fsync(f.fileno())
         if length is not None and got != int(length):
             raise _Interrupted(f"connection closed after {have + got} of {total} bytes")
+    return have > 0
 
 
 def _fsync_dir(folder: Path) -> None:
