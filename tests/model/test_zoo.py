@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 
 from model import zoo
 from model.zoo import ZOO, ZooEntry, ZooError, fetch, resolve_weights
@@ -266,3 +267,32 @@ def test_commands_fail_in_one_line_when_offline_without_cache(tmp_path, monkeypa
     assert f"put {ZOO['rtmdet-l'].filename} into" in capsys.readouterr().err
     with pytest.raises(BackendUnavailable, match=f"put {ZOO['rtmdet-s'].filename} into"):
         TorchBackend.from_settings(ServiceSettings(weights="rtmdet-s"))
+    with pytest.raises(ZooError, match=f"put {ZOO['rtmdet-x'].filename} into"):
+        rtmdet(["eval", "--weights", "rtmdet-x", "--data", str(tmp_path)])
+
+
+def test_training_takes_zoo_names_for_load_from_and_backbone_weights(tmp_path, shapes_as_rtmdet_tiny, monkeypatch):
+    from model.checkpoint import read_checkpoint
+    from model.train.engine import TrainConfig, Trainer
+    from tests.model.data.dataset_writers import write_yolo_set
+    from tests.model.train.test_backbone_weights import _rsb_checkpoint
+
+    write_yolo_set(tmp_path / "set")
+    cfg = dict(data=str(tmp_path / "set"), size="tiny", epochs=1, img_size=64, workers=0, threads=1, progress=False)
+    trainer = Trainer(TrainConfig(out=str(tmp_path / "a"), load_from="rtmdet-tiny", **cfg))
+    shipped, _ = read_checkpoint(REPO / "weights" / "rtmdet_tiny_shapes.pth")
+    own = trainer.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in shipped.items() if not k.startswith("bbox_head.rtm_cls"))
+    with pytest.raises(ZooError, match="not a detector"):
+        Trainer(TrainConfig(out=str(tmp_path / "b"), load_from="cspnext-tiny-imagenet", **cfg))
+
+    expected = _rsb_checkpoint(tmp_path / "rsb.pth")
+    entry = ZooEntry("cspnext-tiny-imagenet", "backbone", "tiny", "cspnext_rsb_pretrain/rsb-x.pth",
+                     hashlib.sha256((tmp_path / "rsb.pth").read_bytes()).hexdigest())
+    monkeypatch.setitem(ZOO, entry.name, entry)
+    shapes_as_rtmdet_tiny.files[f"/rtmdet/{entry.path}"] = (tmp_path / "rsb.pth").read_bytes()
+    trainer = Trainer(TrainConfig(out=str(tmp_path / "c"), backbone_weights="cspnext-tiny-imagenet", **cfg))
+    own = trainer.model.backbone.state_dict()
+    assert all(torch.equal(own[k[len("backbone."):]], v) for k, v in expected.items())
+    with pytest.raises(ZooError, match="use --size tiny"):
+        Trainer(TrainConfig(out=str(tmp_path / "d"), backbone_weights="cspnext-tiny-imagenet", **(cfg | {"size": "s"})))

@@ -130,3 +130,7 @@ def test_train_from_a_yolo_folder_with_backbone_weights(yolo, tmp_path, capsys):
     val = list(csv.DictReader((out / "val_log.csv").open()))
     assert len(val) == 1 and 0 <= float(val[0]["AP"]) <= 1
     assert json.loads(printed.strip().splitlines()[-1])["epoch"] == 1
+    # and `rtmdet eval` reads the YOLO folder too: the same numbers as the run's own validation
+    assert rtmdet(["eval", "--weights", str(out / "last.pth"), "--data", str(yolo), "--img-size", "64", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["AP"] == pytest.approx(float(val[0]["AP"]), abs=1e-4)
