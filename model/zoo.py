@@ -135,7 +135,10 @@ def fetch(entry: ZooEntry, base_url: str | None = None, cache: Path | None = Non
     final = folder / entry.filename
     if final.is_file():  # no network: a cached file is all it takes
         return _checked_cached(entry, final)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ZooError(f"cannot create the weights cache {folder} ({exc}); point ${HOME_ENV} elsewhere") from None
     # One download per file at a time (torchrun ranks, parallel jobs); the others wait, then find it cached.
     with _FileLock(folder / (entry.filename + ".lock"), lock_timeout_s):
         if final.is_file():

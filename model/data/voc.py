@@ -103,7 +103,7 @@ def _image_file(root: Path, image_id: str, xml: ET.Element, xml_path: Path) -> P
     folder = root / "JPEGImages"
     candidates = [folder / f"{image_id}.jpg"]
     named = (xml.findtext("filename") or "").strip()
-    if named:
+    if named and Path(named).name == named:  # a bare file name; a path could point outside JPEGImages/
         candidates.append(folder / named)
     candidates += [folder / f"{image_id}{s}" for s in IMAGE_SUFFIXES]
     for path in candidates:

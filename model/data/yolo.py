@@ -72,6 +72,8 @@ def read_data_yaml(path: Path) -> YoloDataYaml:
 
 def _names(path: Path, data: dict) -> list[str]:
     names = data.get("names")
+    if isinstance(names, dict) and all(isinstance(k, str) and k.isdigit() for k in names):
+        names = {int(k): v for k, v in names.items()}  # quoted keys: '0': person
     if isinstance(names, dict):
         if sorted(names) != list(range(len(names))):
             raise ValueError(f"{path}: `names` keys must be the class indices 0..{len(names) - 1}, "

@@ -48,6 +48,25 @@ def test_yolo_yaml_elsewhere_with_relative_path(tmp_path):
     assert len(open_split(yaml_file, "train")) == 3
 
 
+def test_image_size_is_what_cv2_decodes_exif_rotation_included(tmp_path):
+    from PIL import Image
+
+    from model.data.instances import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 24), (10, 20, 30)).save(tmp_path / "phone.jpg", exif=exif)
+    import cv2
+    assert cv2.imread(str(tmp_path / "phone.jpg")).shape[:2] == (40, 24)  # OpenCV applies the rotation
+    assert image_size(tmp_path / "phone.jpg") == (24, 40)  # (width, height) of what cv2 returns
+
+
+def test_yolo_names_with_quoted_keys(tmp_path):
+    write_yolo_set(tmp_path)
+    (tmp_path / "data.yaml").write_text("train: images/train\nnames:\n  '0': cat\n  '1': dog\n")
+    assert open_split(tmp_path, "train").class_names == ["cat", "dog"]
+
+
 def test_yolo_label_path_rule():
     assert label_file_for(Path("/d/images/train/a.b.jpg")) == Path("/d/labels/train/a.b.txt")
     assert label_file_for(Path("/images/x/images/y/c.png")) == Path("/images/x/labels/y/c.txt")  # the last one
