@@ -176,6 +176,8 @@ def _download_verified(entry: ZooEntry, url: str, folder: Path, final: Path, pro
         if entry.matches(digest):
             os.replace(part, final)
             _fsync_dir(folder)
+            if progress:
+                print(f"downloaded {entry.name} to {final} (sha256 {digest[:16]}... checked)", file=sys.stderr)
             return
         part.unlink()
         if resumed and attempt < attempts:

@@ -43,7 +43,6 @@ TRAIN_FIELDS = ("epoch", "iter", "lr", "loss", "loss_cls", "loss_bbox", "imgs_pe
 class TrainConfig:
     data: str
     out: str
-    data_format: str = "auto"  # coco, yolo, voc, or auto (from the layout)
     size: str = "tiny"
     epochs: int = 300
     batch_size: int = 32  # per process; the lr scales with batch_size * world size
@@ -59,6 +58,7 @@ class TrainConfig:
     resume: bool = False
     load_from: str | None = None  # start from these weights (fine-tuning); schedule, optimizer and epoch start fresh
     backbone_weights: str | None = None  # ImageNet-pretrained CSPNeXt (file or zoo name) for the backbone only
+    data_format: str = "auto"  # coco, yolo, voc, or auto (from the layout)
     warmup_iters: int = 1000
     base_lr: float = 0.004  # for a total batch of 256; scaled linearly with the real total batch
     log_interval: int = 10

@@ -125,7 +125,8 @@ def test_good_download_with_progress_then_cache_hit_without_network(tmp_path, se
     path = fetch(entry, base_url=server.url, cache=tmp_path)
     assert path == tmp_path / entry.filename and path.read_bytes() == PAYLOAD
     assert sorted(p.name for p in tmp_path.iterdir()) == [entry.filename, entry.filename + ".lock"]  # no .part
-    assert entry.filename in capsys.readouterr().err  # tqdm's bar (named after the file) went to stderr
+    err = capsys.readouterr().err
+    assert entry.filename in err and f"downloaded rtmdet-tiny to {path}" in err  # tqdm's bar and a last line
     server.stop()
     # No network now: the cached file is all it takes (and nothing was requested again).
     assert fetch(entry, base_url=server.url, cache=tmp_path) == path
