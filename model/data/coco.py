@@ -57,15 +57,18 @@ class CocoDetection:
     are dropped (training), otherwise every image is kept (evaluation).
     """
 
-    def __init__(self, ann_file: str | Path, img_dir: str | Path, filter_empty: bool = True):
+    def __init__(self, ann_file: str | Path, img_dir: str | Path, filter_empty: bool = True, data: dict | None = None):
+        """`data`: the instances dict itself (a YOLO or VOC split read by `model.data.formats`); `ann_file` then only
+        names where it came from."""
         from pycocotools.coco import COCO
 
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
-        try:
-            data = json.loads(self.ann_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.ann_file}: not valid JSON ({exc})") from None
+        if data is None:
+            try:
+                data = json.loads(self.ann_file.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{self.ann_file}: not valid JSON ({exc})") from None
         _check_annotation_file(self.ann_file, data)
         coco = COCO()
         coco.dataset = data
