@@ -1,7 +1,7 @@
 """The page at GET / in a real headless Chromium (Selenium), against the real server on 127.0.0.1.
 
 One server (the shipped shapes model, so that shapes.jpg has real boxes; API key on) and one browser for
-the module, plus a server that is never made ready, for RTMDET_WEB_UI=false. Needs Debian's `chromium` and
+the module, plus a server with RTMDET_WEB_UI=false. Needs Debian's `chromium` and
 `chromium-driver` (.ci/run installs them).
 """
 from __future__ import annotations
@@ -35,11 +35,34 @@ def find_chromium() -> tuple[str, str] | None:
 
 
 @pytest.fixture(scope="module")
-def shapes_server(tmp_path_factory):
-    with ServerProcess(SHIPPED_WEIGHTS, tmp_path_factory.mktemp("web_ui") / "server.log", RTMDET_API_KEY=API_KEY,
-                       RTMDET_WARMUP="false") as srv:
-        srv.wait_ready()
-        yield srv
+def servers(tmp_path_factory):
+    """Both servers of the module, started side by side (each start is mostly imports): the page's, and one
+    with RTMDET_WEB_UI=false."""
+    logs = tmp_path_factory.mktemp("web_ui")
+    with (ServerProcess(SHIPPED_WEIGHTS, logs / "server.log", RTMDET_API_KEY=API_KEY, RTMDET_WARMUP="false") as on,
+          ServerProcess(SHIPPED_WEIGHTS, logs / "no_ui.log", RTMDET_WEB_UI="false", RTMDET_WARMUP="false") as off):
+        on.wait_ready()
+        wait_listening(off)
+        yield on, off
+
+
+def wait_listening(srv: ServerProcess) -> None:
+    """Until /healthz answers: the routes exist from then on, before the model is loaded."""
+    end = time.monotonic() + WAIT_S
+    while True:
+        assert srv.proc.poll() is None, srv.log_path.read_text()
+        try:
+            if httpx.get(f"{srv.http}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < end, f"no /healthz after {WAIT_S} s:\n{srv.log_path.read_text()}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def shapes_server(servers):
+    return servers[0]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +76,9 @@ def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = found[0]
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1200,1000", "--disable-extensions", "--no-first-run"):
+                "--window-size=1200,1000", "--disable-extensions", "--no-first-run",
+                # A synthetic camera (a moving test pattern), allowed without a prompt.
+                "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"):
         options.add_argument(arg)
     log = tmp_path_factory.mktemp("chromedriver") / "chromedriver.log"
     driver = webdriver.Chrome(options=options, service=Service(executable_path=found[1], log_output=str(log)))
@@ -82,13 +107,18 @@ def open_page(driver, base: str, key: str | None) -> None:
         field.send_keys(key)
 
 
-def upload(driver, path: Path):
-    """Send `path` through the page's file input; the card it makes, once answered (done or error)."""
-    before = len(driver.find_elements(By.CSS_SELECTOR, "#results .card"))
-    driver.find_element(By.ID, "file-input").send_keys(str(path))
-    WebDriverWait(driver, WAIT_S).until(
-        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card:not([data-state=pending])")) > before)
+def upload(driver, *paths: Path):
+    """Send `paths` through the page's file input at once; the newest card, once all are answered (done or error)."""
+    wait_for_cards(driver, lambda: driver.find_element(By.ID, "file-input").send_keys("\n".join(map(str, paths))),
+                   len(paths))
     return driver.find_element(By.CSS_SELECTOR, "#results .card")  # the newest card comes first
+
+
+def wait_for_cards(driver, action, count: int = 1) -> None:
+    before = len(driver.find_elements(By.CSS_SELECTOR, "#results .card"))
+    action()
+    WebDriverWait(driver, WAIT_S).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .card:not([data-state=pending])")) >= before + count)
 
 
 def listed(card) -> list[dict]:
@@ -184,20 +214,34 @@ def test_without_the_key_the_page_says_one_is_needed(shapes_server, browser):
     assert "refused this API key" in card.find_element(By.CSS_SELECTOR, ".error").text
 
 
-def test_web_ui_false_is_404(tmp_path):
-    with ServerProcess(SHIPPED_WEIGHTS, tmp_path / "server.log", RTMDET_WEB_UI="false", RTMDET_WARMUP="false") as srv:
-        end = time.monotonic() + WAIT_S
-        while True:  # the routes exist as soon as HTTP listens; no need to wait for the model
-            assert srv.proc.poll() is None, srv.log_path.read_text()
-            try:
-                if httpx.get(f"{srv.http}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < end, srv.log_path.read_text()
-            time.sleep(0.2)
-        assert httpx.get(f"{srv.http}/", timeout=5).status_code == 404
-    assert "in a browser" not in srv.log_path.read_text()
+def test_several_images_and_a_webcam_frame(shapes_server, auth, browser):
+    coffee = REPO / "examples" / "coffee.jpg"
+    open_page(browser, shapes_server.http, API_KEY)
+    upload(browser, SHAPES, coffee)
+    cards = {card.find_element(By.TAG_NAME, "h2").text: card
+             for card in browser.find_elements(By.CSS_SELECTOR, "#results .card")}
+    assert set(cards) == {"shapes.jpg", "coffee.jpg"}
+    for name, path in (("shapes.jpg", SHAPES), ("coffee.jpg", coffee)):
+        assert listed(cards[name]) == post_detect(shapes_server, path, auth).json()["detections"]
+
+    # Chromium's fake camera: a frame is captured from the video, sent as a JPEG, and answered like a file.
+    browser.find_element(By.ID, "webcam-start").click()
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: d.execute_script("return document.getElementById('video').videoWidth"))
+    wait_for_cards(browser, browser.find_element(By.ID, "capture").click)
+    card = browser.find_element(By.CSS_SELECTOR, "#results .card")
+    assert card.find_element(By.TAG_NAME, "h2").text == "webcam frame 1"
+    assert card.get_attribute("data-state") == "done", card.text
+    video = browser.execute_script("const v = document.getElementById('video'); return [v.videoWidth, v.videoHeight]")
+    canvas = browser.execute_script("const c = arguments[0].querySelector('canvas'); return [c.width, c.height]", card)
+    assert canvas == video and f"{video[0]}×{video[1]}" in card.text  # the size the server decoded
+    browser.find_element(By.ID, "webcam-stop").click()
+
+
+def test_web_ui_false_is_404(servers):
+    srv = servers[1]
+    assert httpx.get(f"{srv.http}/", timeout=5).status_code == 404
+    assert "rtmdet serve: http://" in srv.log_path.read_text() and "in a browser" not in srv.log_path.read_text()
 
 
 def test_page_is_served_with_the_servers_settings(shapes_server):
