@@ -60,6 +60,7 @@ class ServiceSettings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     api_key: SecretStr | None = None
     cors_origins: list[str] = Field(default_factory=list)  # empty: CORS off
+    web_ui: bool = True  # GET / serves the page to try the detector in a browser (service/web_ui.py)
 
     # Tests only: make the model step fail on purpose (see service/faults.py). Never set in production.
     fault_injection: FaultInjection | None = None
