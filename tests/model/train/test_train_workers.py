@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import model.train.engine as engine
-from model.data.coco import CocoDetection
+from model.data.formats import open_split
 from model.data.loader import DataLoaderStalled
 from model.data.shapes import make_shapes_dataset
 from model.train.engine import TrainConfig, Trainer
@@ -24,25 +24,22 @@ REPO = Path(__file__).resolve().parents[3]
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    # Validation images larger than the input, so the trainer's letterbox resize runs on OpenCV's thread pool
-    # (it leaves small images to one thread), as real photos do: that pool is what a forked worker inherits.
-    make_shapes_dataset(root, 8, 4, seed=12, img_size=640)
+    make_shapes_dataset(root, 8, 2, seed=12, img_size=96)
     return root
 
 
-def test_training_with_workers_crosses_the_stage_switch_after_validation(shapes, tmp_path):
-    # The run of issue 12 in small: workers, validation every epoch (OpenCV letterbox in the trainer), then the
-    # stage-2 loader starts its workers. A subprocess with a timeout, so a hang fails the test instead of the run.
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "service.cli", "train", "--data", str(shapes), "--out", str(out), "--size", "tiny",
-           "--img-size", "96", "--epochs", "3", "--stage2-epochs", "1", "--batch-size", "4", "--workers", "2",
-           "--val-interval", "1", "--warmup-iters", "2", "--threads", "1", "--no-progress"]
+def test_training_with_workers_crosses_the_stage_switch_after_validation(tmp_path):
+    # The run of issue 12 in small (stage_switch_run.py): OpenCV has run in the trainer's process, validation
+    # every epoch, then the stage-2 loader starts its workers. In a subprocess with a timeout, so that a hang
+    # fails the test instead of stalling the suite. Forked workers hung here in 3 of 3 runs.
+    script = Path(__file__).with_name("stage_switch_run.py")
     try:
-        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                             env=os.environ | {"OMP_NUM_THREADS": "1"})
+        res = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                             timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"training hung; its output so far: {e.stdout!r}")
     assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "run"
     assert len(list(csv.DictReader((out / "val_log.csv").open()))) == 3
     ck = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert ck["epoch"] == 3 and ck["iter"] == 6
@@ -90,11 +87,11 @@ def test_a_stalled_worker_ends_the_run_and_resume_finishes_it(shapes, tmp_path):
 def test_rtmdet_train_reports_a_stall_in_one_line_and_exits_non_zero(shapes, tmp_path, monkeypatch, capsys):
     from service.cli import main
 
-    def slow_train_set(ann, img_dir, filter_empty):
-        ds = CocoDetection(ann, img_dir, filter_empty=filter_empty)
-        return SlowSamples(ds, 60.0) if filter_empty else ds  # the trainer builds its train split with filtering
+    def slow_train_split(data, split, fmt="auto", training=False):
+        ds = open_split(data, split, fmt, training=training)
+        return SlowSamples(ds, 60.0) if training else ds
 
-    monkeypatch.setattr(engine, "CocoDetection", slow_train_set)
+    monkeypatch.setattr(engine, "open_split", slow_train_split)
     rc = main(["train", "--data", str(shapes), "--out", str(tmp_path), "--img-size", "96", "--epochs", "1",
                "--stage2-epochs", "0", "--batch-size", "4", "--workers", "1", "--loader-timeout", "1", "--threads", "1",
                "--no-progress"])
