@@ -1,0 +1,14 @@
+"""The one exception family for a user's mistake: a file, folder or value given to us that we cannot use.
+
+The `rtmdet` commands print such an error as one line and exit 2; anything else escaping a command is a bug
+(a traceback and a request to report it). The message names the thing and, where it can, what to do.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in what the user gave: the message alone is the answer (no traceback)."""
+
+
+class DatasetError(UserError, ValueError):
+    """A data folder or annotation file that cannot be used; the message names the file and the entry."""
