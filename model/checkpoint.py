@@ -154,8 +154,12 @@ def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor],
     if mismatched:
         problems.append(f"shape mismatch: {_describe(mismatched, 3)}")
     if problems:
-        hint = ""
         size = getattr(module, "size", None)
+        found = fitting_size(state)
+        if found and found != size:
+            raise CheckpointError(f"{source}: does not fit the model: it is an RTMDet-{found} checkpoint, not "
+                                  f"RTMDet-{size}; use --size {found}")
+        hint = ""
         if mismatched and size:
             hint = f" (is it really an RTMDet-{size} checkpoint with {getattr(module, 'num_classes', '?')} classes?)"
         raise CheckpointError(f"{source}: does not fit the model{hint}: " + "; ".join(problems))
@@ -167,6 +171,22 @@ def load_checkpoint(module: nn.Module, path: str | os.PathLike, weights_key: str
     state, meta = read_checkpoint(path, weights_key)
     load_state_dict_strict(module, state, source=str(path))
     return meta
+
+
+def fitting_size(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The RTMDet size whose network has exactly `state`'s keys and shapes, else None."""
+    from model.config import SIZES
+    from model.nn.rtmdet import build_rtmdet
+
+    num_classes = infer_num_classes(state)
+    if num_classes is None:
+        return None
+    for size in SIZES:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            own = build_rtmdet(size, num_classes=num_classes).state_dict()
+        if own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own):
+            return size
+    return None
 
 
 def infer_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:

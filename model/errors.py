@@ -12,3 +12,7 @@ class UserError(Exception):
 
 class DatasetError(UserError, ValueError):
     """A data folder or annotation file that cannot be used; the message names the file and the entry."""
+
+
+class ImageError(UserError, ValueError):
+    """An image file that is missing or does not decode."""

@@ -68,7 +68,8 @@ class TorchBackend:
 
         try:
             detector = Detector.from_checkpoint(settings.weights, size=settings.size, device=settings.device,
-                                                classes=settings.class_names, fp16=settings.fp16)
+                                                classes=settings.class_names, fp16=settings.fp16,
+                                                weights_key=settings.weights_key)
         except (CheckpointError, ValueError) as exc:
             raise BackendUnavailable(str(exc)) from None
         detector.cfg = detector.with_config(score_thr=settings.score_threshold,

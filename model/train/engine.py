@@ -55,6 +55,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network (inductor fuses BatchNorm + SiLU, forward and backward)
     resume: bool = False
     load_from: str | None = None  # start from these weights (fine-tuning); schedule, optimizer and epoch start fresh
+    load_from_key: str = "ema"  # which weights of a training checkpoint `load_from` takes (model.checkpoint)
     warmup_iters: int = 1000
     base_lr: float = 0.004  # for a total batch of 256; scaled linearly with the real total batch
     log_interval: int = 10
@@ -354,7 +355,7 @@ class Trainer:
         save_checkpoint(path, self.ema.module.state_dict(), self.meta(), **extra)
 
     def _load_weights(self, path: str) -> None:
-        state, _ = read_checkpoint(path)
+        state, _ = read_checkpoint(path, self.cfg.load_from_key)
         fresh = _init_from(self.model, state, source=path)
         self.ema.module.load_state_dict(self.model.state_dict())
         if self.dist.main:
