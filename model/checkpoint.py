@@ -27,6 +27,8 @@ from model.errors import UserError
 
 WEIGHTS_KEYS = ("ema", "raw")
 _PREFIXES = ("module.", "model.")  # wrappers (DDP, EMA, Lightning-style) around the detector's own keys
+# What torch's weights-only unpickler (and ours inside it) says when it stops a pickle from calling something.
+_REFUSALS = ("is not allowed", "unrecognized function", "Can only", "Unsupported global")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -75,7 +77,10 @@ def _load_pickled(path: Path):
         except ForeignPickleError as exc:
             raise CheckpointError(f"{path}: refused: {exc}") from None
         except Exception as exc:
-            raise _unreadable(path, exc) from None
+            error = _unreadable(path, exc)
+            if any(w in str(error) for w in _REFUSALS):  # the unpickler stopped a call or a build
+                error = CheckpointError(str(error).replace("not a readable checkpoint (", "refused (", 1))
+            raise error from None
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
