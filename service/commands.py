@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from model.cli_support import add_weights_key_argument, fraction, positive_float, positive_int
+from model.cli_support import add_weights_key_argument, fraction, one_line, positive_float, positive_int
 from model.config import SIZES
 
 
@@ -75,7 +75,7 @@ def run_client(args: argparse.Namespace) -> int:
                 with GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout) as c:
                     result = c.detect(args.image, **params)
             except grpc.RpcError as exc:
-                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                print(f"rtmdet client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
         else:
             import httpx
@@ -85,13 +85,15 @@ def run_client(args: argparse.Namespace) -> int:
                 with HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout) as c:
                     result = c.detect(args.image, **params)
             except httpx.HTTPStatusError as exc:
-                print(f"error: HTTP {exc.response.status_code}: {exc.response.text}", file=sys.stderr)
+                print(f"rtmdet client: error: HTTP {exc.response.status_code}: {one_line(exc.response.text)}",
+                      file=sys.stderr)
                 return 1
             except httpx.HTTPError as exc:
-                print(f"error: {exc}", file=sys.stderr)
+                print(f"rtmdet client: error: {args.url}: {one_line(str(exc)) if str(exc) else type(exc).__name__}",
+                      file=sys.stderr)
                 return 1
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"rtmdet client: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
     return 0
