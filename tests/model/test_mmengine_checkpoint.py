@@ -179,3 +179,15 @@ def test_eval_on_the_training_file_equals_its_published_copy(trained_pair, capsy
     stats = json.loads(_run(capsys, [*common, "--weights", str(mm)]))
     assert stats == json.loads(_run(capsys, [*common, "--weights", str(published["ema"])]))
     assert stats["AP50"] > 0.5, stats
+
+
+def test_train_load_from_takes_the_chosen_weights(trained_pair, tmp_path):
+    from model.data.shapes import make_shapes_dataset
+    from model.train.engine import TrainConfig, Trainer
+
+    mm, _, _ = trained_pair
+    make_shapes_dataset(tmp_path / "data", 2, 0, seed=4, img_size=64)  # the shipped weights' 5 classes
+    for key in ("ema", "raw"):
+        cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / key), epochs=1, batch_size=2, img_size=64,
+                          workers=0, threads=1, progress=False, device="cpu", load_from=str(mm), load_from_key=key)
+        assert _equal(Trainer(cfg).model.state_dict(), read_checkpoint(mm, key)[0]), key
