@@ -7,6 +7,7 @@ that escapes a command is a bug: its traceback, then one line asking to report i
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import traceback
@@ -49,8 +50,18 @@ fraction = _number(float, lambda v: 0.0 <= v <= 1.0, "a number from 0 to 1")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 
 
+def quiet_opencv() -> None:
+    """OpenCV's `[ WARN ]` lines (e.g. for a file it cannot open) off, here and in worker processes: every
+    image we cannot read is reported by us, in one line that names it."""
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
 def run_command(prog: str, command: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run one sub-command; the exit code as the module docstring says."""
+    quiet_opencv()
     try:
         return int(command(args) or 0)
     except (UserError, OSError) as exc:

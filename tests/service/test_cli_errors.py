@@ -166,3 +166,15 @@ def test_real_processes_print_one_line(files, tmp_path):
             proc.kill()
         assert proc.returncode == 2, (name, err)
         _one_error_line(err, name, cases[name][1])
+
+
+def test_an_unreadable_image_in_a_data_folder_is_one_line(files, capfd, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(files["shapes"], data)
+    for jpg in (data / "val").iterdir():
+        jpg.unlink()  # the annotations name images that are not there: OpenCV would warn about each
+    shipped = str(REPO / "weights" / "rtmdet_tiny_shapes.pth")  # the shapes set's 5 classes
+    assert rtmdet_main(["eval", "--weights", shipped, "--data", str(data), "--device", "cpu", "--img-size", "64"]) == 2
+    _one_error_line(capfd.readouterr().err, "eval", "cannot read image")
