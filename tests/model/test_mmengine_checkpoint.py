@@ -191,3 +191,24 @@ def test_train_load_from_takes_the_chosen_weights(trained_pair, tmp_path):
         cfg = TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / key), epochs=1, batch_size=2, img_size=64,
                           workers=0, threads=1, progress=False, device="cpu", load_from=str(mm), load_from_key=key)
         assert _equal(Trainer(cfg).model.state_dict(), read_checkpoint(mm, key)[0]), key
+
+
+def test_serve_loads_the_chosen_weights(trained_pair, monkeypatch):
+    import cv2
+
+    from model.inference.detector import Detector
+    from service.backends import TorchBackend
+    from service.cli import build_parser
+    from service.commands import settings_from_args
+
+    mm, published, root = trained_pair
+    image = cv2.imread(str(root / "examples" / "shapes.jpg"))
+    monkeypatch.setenv("RTMDET_INPUT_SIZE", "320")
+    for key in ("ema", "raw"):
+        settings = settings_from_args(build_parser().parse_args(
+            ["serve", "--weights", str(mm), "--weights-key", key, "--device", "cpu"]))
+        assert settings.weights_key == key
+        served = TorchBackend.from_settings(settings).detector
+        reference = Detector.from_checkpoint(published[key], device="cpu")
+        reference.cfg = served.cfg
+        assert served([image])[0].to_list() == reference([image])[0].to_list(), key
