@@ -112,7 +112,7 @@ def read_checkpoint(path: str | os.PathLike, weights_key: str = "ema") -> tuple[
         except Exception as exc:  # safetensors raises several types for corrupt files
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
         meta = json.loads(header["meta"]) if "meta" in header else {}
-        return state, meta
+        return _strip_prefixes(state), meta
     obj = _load_pickled(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")

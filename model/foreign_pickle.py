@@ -170,9 +170,7 @@ def load_foreign(path: str | os.PathLike, names: list[str] | None = None):
     if refused:
         raise ForeignPickleError(f"the pickle refers to {', '.join(refused)}, which is neither weights nor data "
                                  "(only torch, numpy and OpenMMLab objects are read)")
-    # NumpyDType and NumpyArray instances are BUILT (their __setstate__ called): torch allows that only for
-    # allow-listed types, so list them under names no pickle of ours produces.
-    entries += [(NumpyDType, f"{__name__}.NumpyDType"), (NumpyArray, f"{__name__}.NumpyArray")]
+    # BUILD (a __setstate__ call) is allowed on instances of these entries' types: stand-ins and numpy holders.
     with _LOCK, torch.serialization.safe_globals(entries):
         return torch.load(path, map_location="cpu", weights_only=True)
 
