@@ -19,9 +19,15 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def one_line(text: str) -> str:
-    """`text` without terminal colour codes, its lines joined: a message fit for one stderr line."""
+    """`text` without terminal colour codes, its lines joined: a message fit for one stderr line. An error
+    re-raised from a data-loader worker carries the worker's traceback: only its last line (the error) is kept."""
     lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
-    return "; ".join(lines) if lines else "(no message)"
+    if any(line.startswith("Original Traceback") for line in lines):
+        lines = lines[-1:]
+    if not lines:
+        return "(no message)"
+    return "".join(line + ("" if i == len(lines) - 1 else " " if line.endswith(":") else "; ")
+                   for i, line in enumerate(lines))
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

@@ -178,3 +178,12 @@ def test_an_unreadable_image_in_a_data_folder_is_one_line(files, capfd, tmp_path
     shipped = str(REPO / "weights" / "rtmdet_tiny_shapes.pth")  # the shapes set's 5 classes
     assert rtmdet_main(["eval", "--weights", shipped, "--data", str(data), "--device", "cpu", "--img-size", "64"]) == 2
     _one_error_line(capfd.readouterr().err, "eval", "cannot read image")
+
+
+def test_one_line_keeps_the_error_of_a_worker_traceback():
+    from model.cli_support import one_line
+
+    worker = ("Caught FileNotFoundError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+              '  File "x.py", line 1, in f\nFileNotFoundError: cannot read image a.jpg (image id 1)\n')
+    assert one_line(worker) == "FileNotFoundError: cannot read image a.jpg (image id 1)"
+    assert one_line("\x1b[1mbad\x1b[0m settings:\n  port: too big\n") == "bad settings: port: too big"
