@@ -18,8 +18,8 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_t
 def add_detect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="detect objects in image files and print JSON")
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    p.add_argument("--size", default="tiny", choices=SIZES)
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="checkpoint file or zoo name (rtmdet-s, ...)")
+    p.add_argument("--size", default=None, choices=SIZES, help="default: the zoo name's size, else tiny")
     p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--score-thr", type=fraction, default=0.3)
     p.add_argument("--img-size", type=positive_int, default=None, help="letterbox size (default: the training size)")
@@ -34,9 +34,12 @@ def run_detect(args: argparse.Namespace) -> int:
     from model.errors import UserError
     from model.inference.detector import Detector, load_image
     from model.render import draw_detections
+    from model.zoo import resolve_weights, zoo_size
 
     try:
-        detector = Detector.from_checkpoint(args.weights, size=args.size, device=args.device, fp16=args.fp16,
+        weights = resolve_weights(args.weights, kind="detector", size=args.size)
+        size = args.size or zoo_size(args.weights) or "tiny"
+        detector = Detector.from_checkpoint(weights, size=size, device=args.device, fp16=args.fp16,
                                             weights_key=args.weights_key or "ema")
     except ValueError as exc:  # a checkpoint that does not fit, fp16 without CUDA, ...
         raise UserError(str(exc)) from None

@@ -5,6 +5,8 @@ The `rtmdet` commands print such an error as one line and exit 2; anything else 
 """
 from __future__ import annotations
 
+import functools
+
 
 class UserError(Exception):
     """A mistake in what the user gave: the message alone is the answer (no traceback)."""
@@ -16,3 +18,17 @@ class DatasetError(UserError, ValueError):
 
 class ImageError(UserError, ValueError):
     """An image file that is missing or does not decode."""
+
+
+def dataset_errors(func):
+    """`func` (a dataset reader) with its ValueErrors, which name the file and entry that are wrong, raised as
+    DatasetError: a data problem for the user to fix, not a bug."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except UserError:
+            raise
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from None
+    return wrapper

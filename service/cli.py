@@ -7,7 +7,7 @@ import sys
 from model.checkpoint_cli import add_convert_checkpoint
 from model.cli import add_detect
 from model.cli_support import OneLineArgumentParser, run_command
-from model.data.cli import add_make_shapes_dataset
+from model.data.cli import add_convert, add_make_shapes_dataset
 from model.export_cli import add_export
 from model.train.cli import add_eval, add_train
 from service.commands import add_client, add_serve
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(sub)
     add_client(sub)
     add_make_shapes_dataset(sub)
+    add_convert(sub)
     add_train(sub)
     add_eval(sub)
     add_export(sub)

@@ -64,7 +64,8 @@ async def serve(settings: ServiceSettings) -> int:
     http_task = asyncio.create_task(http.serve())
     load_task = service.start()
     stop_task = asyncio.create_task(stop.wait())
-    print(f"rtmdet serve: http://{settings.host}:{settings.http_port} grpc {settings.host}:{grpc_port} "
+    page = f" (open http://{settings.host}:{settings.http_port}/ in a browser)" if settings.web_ui else ""
+    print(f"rtmdet serve: http://{settings.host}:{settings.http_port}{page} grpc {settings.host}:{grpc_port} "
           f"(loading {settings.weights})", flush=True)
 
     exit_code = 0

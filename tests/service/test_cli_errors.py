@@ -37,6 +37,8 @@ def files(tmp_path_factory, checkpoint):
         (d / name / "annotations").mkdir(parents=True)
         (d / name / "val").mkdir()
         (d / name / "annotations" / "instances_val.json").write_text(content)
+    (d / "bad_yaml").mkdir()
+    (d / "bad_yaml" / "data.yaml").write_text("names: [a\ntrain: [\n")
     (d / "no_images" / "annotations").mkdir(parents=True)
     (d / "no_images" / "annotations" / "instances_val.json").write_text("{}")
     return {"dir": d, "ckpt": str(checkpoint), "image": str(REPO / "examples" / "shapes.jpg"),
@@ -61,10 +63,15 @@ CASES = [
     ("detect {image} --score-thr 1.5", "argument --score-thr: '1.5' is not a number from 0 to 1"),
     ("detect {image} --batch-size 0", "argument --batch-size: '0' is not a whole number >= 1"),
     ("detect {image} --device gpu7", "argument --device: 'gpu7' is not a device"),
+    ("detect {image} --weights cspnext-tiny-imagenet", "is an ImageNet backbone, not a detector"),
+    ("detect {image} --weights rtmdet-s --size tiny", "rtmdet-s is for RTMDet-s, not RTMDet-tiny: use --size s"),
     ("detect", "the following arguments are required: images"),
     # eval
     ("eval --weights {dir}/nowhere.pth --data {shapes}", "nowhere.pth: checkpoint file not found"),
-    ("eval --weights {ckpt} --data {dir}/no_such_data", "no_such_data: no annotations/instances_val.json"),
+    ("eval --weights {ckpt} --data {dir}/no_such_data", "no_such_data: no such dataset folder"),
+    ("eval --weights {ckpt} --data {folder}", "folder: not a dataset layout this reads"),
+    ("eval --weights {ckpt} --data {bad_yaml} --format yolo", "data.yaml:2: not valid YAML"),
+    ("eval --weights {ckpt} --data {shapes} --format voc", "no Annotations/ and ImageSets/Main/"),
     ("eval --weights {ckpt} --data {bad_json}", "instances_val.json: not valid JSON"),
     ("eval --weights {ckpt} --data {bad_coco}", "instances_val.json: missing or non-list 'images'"),
     ("eval --weights {ckpt} --data {no_images}", "found but its image folder"),
@@ -72,7 +79,8 @@ CASES = [
     ("eval --weights {ckpt} --data {shapes} --img-size -1", "argument --img-size: '-1' is not a whole number >= 1"),
     ("eval --data {shapes}", "the following arguments are required: --weights"),
     # train
-    ("train --data {dir}/no_such_data --out {dir}/run", "no_such_data: no annotations/instances_train.json"),
+    ("train --data {dir}/no_such_data --out {dir}/run", "no_such_data: no such dataset folder"),
+    ("train --data {folder} --out {dir}/run", "folder: not a dataset layout this reads"),
     ("train --data {shapes} --out {dir}/run --epochs 0", "argument --epochs: '0' is not a whole number >= 1"),
     ("train --data {shapes} --out {dir}/run --base-lr -4", "argument --base-lr: '-4' is not a number > 0"),
     ("train --data {shapes} --out {dir}/run --resume --device cpu", "last.pth does not exist"),
@@ -81,6 +89,10 @@ CASES = [
     # make-shapes-dataset
     ("make-shapes-dataset {dir}/out --train -1", "argument --train: '-1' is not a whole number >= 0"),
     ("make-shapes-dataset {notes_txt}/out --train 1 --val 0", "notes.txt"),
+    # convert (a YOLO or VOC set to COCO)
+    ("convert {shapes} {dir}/as_coco --to coco", "is already a COCO set"),
+    ("convert {dir}/no_such_data {dir}/as_coco --to coco", "no_such_data: no such dataset folder"),
+    ("convert {bad_yaml} {dir}/as_coco --to coco", "data.yaml:2: not valid YAML"),
     # export
     ("export --weights {notes_txt} --out {dir}/m.onnx", "notes.txt: not a readable checkpoint"),
     ("export --weights {dir}/nowhere.pth --out {dir}/m.onnx", "nowhere.pth: checkpoint file not found"),
@@ -110,8 +122,8 @@ def _one_error_line(err: str, command: str, expected: str) -> None:
     lines = err.splitlines()
     assert len(lines) == 1, f"{command!r} wrote {len(lines)} lines:\n{err}"
     assert "Traceback" not in err and "\x1b[" not in err and "weights_only" not in err, err
-    # `rtmdet export` reports its own errors (as "error: ..."); every other command through the program's.
-    prefix = "error: " if command == "export" and not lines[0].startswith("rtmdet") else \
+    # `rtmdet export`/`convert` report their own errors ("error: ..."); every other command through the program's.
+    prefix = "error: " if command in ("export", "convert") and not lines[0].startswith("rtmdet") else \
         f"rtmdet{' ' + command if command else ''}: error: "
     assert lines[0].startswith(prefix), lines[0]
     assert expected in lines[0], lines[0]
