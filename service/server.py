@@ -46,6 +46,7 @@ async def follow_readiness(service: DetectionService, health, period_s: float = 
 
 async def serve(settings: ServiceSettings) -> int:
     service = DetectionService(settings)
+    service.log_start_error = False  # reported below as the one `rtmdet serve: error:` line
     app = create_app(service, manage_lifecycle=False)
     grpc_server, health, grpc_port = create_grpc_server(service, f"{settings.host}:{settings.grpc_port}")
     await set_serving(health, False)

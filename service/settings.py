@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,7 @@ class ServiceSettings(BaseSettings):
     # The model.
     backend: str = "torch"
     weights: Path = DEFAULT_WEIGHTS  # a checkpoint file, or a zoo name (rtmdet-tiny ... rtmdet-x)
+    weights_key: Literal["ema", "raw"] = "ema"  # which weights of a training checkpoint (model.checkpoint)
     size: str = "tiny"  # unset with a zoo name: that name's size
     device: str = "auto"
     fp16: bool = False

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from model.data.sample import Sample
+from model.errors import DatasetError
 
 
 def _check_annotation_file(path: Path, data: object) -> None:
@@ -68,8 +69,11 @@ class CocoDetection:
             try:
                 data = json.loads(self.ann_file.read_text())
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{self.ann_file}: not valid JSON ({exc})") from None
-        _check_annotation_file(self.ann_file, data)
+                raise DatasetError(f"{self.ann_file}: not valid JSON ({exc})") from None
+        try:
+            _check_annotation_file(self.ann_file, data)
+        except ValueError as exc:
+            raise DatasetError(str(exc)) from None
         coco = COCO()
         coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines

@@ -13,6 +13,7 @@ from model.data.instances import FORMATS, SplitInstances
 from model.data.voc import available_splits as voc_splits
 from model.data.voc import is_voc_root, read_voc_split
 from model.data.yolo import find_data_yaml, read_data_yaml, read_yolo_split
+from model.errors import dataset_errors
 
 
 def detect_format(data: str | os.PathLike) -> str:
@@ -59,6 +60,7 @@ def read_split(data: str | os.PathLike, split: str, fmt: str = "auto") -> SplitI
     raise ValueError(f"{path}: read_split is for YOLO and VOC sets; COCO files are read as they are")
 
 
+@dataset_errors
 def open_split(data: str | os.PathLike, split: str, fmt: str = "auto", training: bool = False) -> CocoDetection:
     """`split` of the dataset at `data` as a `CocoDetection`; FileNotFoundError if it has no such split.
 
@@ -74,6 +76,7 @@ def open_split(data: str | os.PathLike, split: str, fmt: str = "auto", training:
     return CocoDetection(found.source, found.img_dir, filter_empty=False, data=found.instances)
 
 
+@dataset_errors
 def splits_of(data: str | os.PathLike, fmt: str = "auto") -> list[str]:
     path, fmt = _resolve(data, fmt)
     if fmt == "yolo":
@@ -83,6 +86,7 @@ def splits_of(data: str | os.PathLike, fmt: str = "auto") -> list[str]:
     return sorted(p.stem[len("instances_"):] for p in (path / "annotations").glob("instances_*.json"))
 
 
+@dataset_errors
 def convert_to_coco(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "auto",
                     link: bool = False) -> dict[str, Path]:
     """Write every split of a YOLO or VOC set as `out/annotations/instances_<split>.json` + `out/<split>/`

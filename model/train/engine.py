@@ -57,6 +57,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network (inductor fuses BatchNorm + SiLU, forward and backward)
     resume: bool = False
     load_from: str | None = None  # start from these weights (fine-tuning); schedule, optimizer and epoch start fresh
+    load_from_key: str = "ema"  # which weights of a training checkpoint `load_from` takes (model.checkpoint)
     backbone_weights: str | None = None  # ImageNet-pretrained CSPNeXt (file or zoo name) for the backbone only
     data_format: str = "auto"  # coco, yolo, voc, or auto (from the layout)
     warmup_iters: int = 1000
@@ -370,7 +371,7 @@ class Trainer:
 
     def _load_weights(self, path: str) -> None:
         path = str(model_zoo.resolve_weights(path, kind="detector", size=self.cfg.size, progress=self.dist.main))
-        state, _ = read_checkpoint(path)
+        state, _ = read_checkpoint(path, self.cfg.load_from_key)
         fresh = _init_from(self.model, state, source=path)
         self.ema.module.load_state_dict(self.model.state_dict())
         if self.dist.main:
