@@ -16,6 +16,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Self
 
 import grpc
 import httpx
@@ -44,6 +45,44 @@ MAX_TIMEOUT_MS = 86_400_000  # the largest `timeout_ms` the server accepts
 
 def _image_bytes(image: ImageInput) -> bytes:
     return image if isinstance(image, bytes) else Path(image).read_bytes()
+
+
+class _AsyncClient:
+    """What every async client has: `async with` and `detect_many` over its `detect`."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def detect_many(self, images: Iterable, concurrency: int = 8, ordered: bool = True,
+                    **params) -> AsyncIterator[ImageResult]:
+        """An `ImageResult` per image (paths, bytes, arrays for gRPC, or (name, image) pairs), at most
+        `concurrency` requests in flight; in input order (`ordered`, the default) or as they complete.
+        `params`: those of `detect`."""
+        return run_many(lambda group: single_image_group(lambda im: self.detect(im, **params), group),
+                        images, concurrency, ordered)
+
+
+class _SyncClient:
+    """What every sync client has: `with`, and `detect_many`: that of its async twin (same settings), run on a
+    private event loop with its own connections."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def detect_many(self, images: Iterable, concurrency: int = 8, ordered: bool = True,
+                    **params) -> Iterator[ImageResult]:
+        async def results() -> AsyncIterator[ImageResult]:
+            async with self._async_twin() as client:
+                async for r in client.detect_many(images, concurrency=concurrency, ordered=ordered, **params):
+                    yield r
+        return iterate_sync(results)
+    detect_many.__doc__ = _AsyncClient.detect_many.__doc__
 
 
 class _Http:
@@ -96,19 +135,13 @@ class _Http:
         return response
 
 
-class HttpDetectorClient(_Http):
+class HttpDetectorClient(_Http, _SyncClient):
     """`HttpDetectorClient("http://127.0.0.1:8000").detect("cat.jpg")` -> dict."""
 
     _client_class = httpx.Client
 
     def close(self) -> None:
         self.http.close()
-
-    def __enter__(self) -> HttpDetectorClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _send(self, build: Callable[[float], dict], timeout: float | None) -> httpx.Response:
         def attempt(left: float) -> httpx.Response:
@@ -137,29 +170,17 @@ class HttpDetectorClient(_Http):
     def model(self, *, timeout: float | None = None) -> dict:
         return self._send(self._get("/v1/model"), timeout).json()
 
-    def detect_many(self, images: Iterable, concurrency: int = 8, ordered: bool = True,
-                    **params) -> Iterator[ImageResult]:
-        """`AsyncHttpDetectorClient.detect_many` from sync code (on its own event loop and connections)."""
-        async def results() -> AsyncIterator[ImageResult]:
-            async with AsyncHttpDetectorClient(**self._settings) as client:
-                async for r in client.detect_many(images, concurrency=concurrency, ordered=ordered, **params):
-                    yield r
-        return iterate_sync(results)
+    def _async_twin(self) -> AsyncHttpDetectorClient:
+        return AsyncHttpDetectorClient(**self._settings)
 
 
-class AsyncHttpDetectorClient(_Http):
+class AsyncHttpDetectorClient(_Http, _AsyncClient):
     """`await AsyncHttpDetectorClient(url).detect("cat.jpg")` -> dict; the sync client's methods, awaited."""
 
     _client_class = httpx.AsyncClient
 
     async def close(self) -> None:
         await self.http.aclose()
-
-    async def __aenter__(self) -> AsyncHttpDetectorClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
 
     async def _send(self, build: Callable[[float], dict], timeout: float | None) -> httpx.Response:
         async def attempt(left: float) -> httpx.Response:
@@ -189,12 +210,6 @@ class AsyncHttpDetectorClient(_Http):
     async def model(self, *, timeout: float | None = None) -> dict:
         return (await self._send(self._get("/v1/model"), timeout)).json()
 
-    def detect_many(self, images: Iterable, concurrency: int = 8, ordered: bool = True,
-                    **params) -> AsyncIterator[ImageResult]:
-        """An `ImageResult` per image (paths, bytes or (name, image) pairs), at most `concurrency` requests in
-        flight; in input order (`ordered`, the default) or as they complete. `params`: those of `detect`."""
-        return run_many(lambda group: single_image_group(lambda im: self.detect(im, **params), group),
-                        images, concurrency, ordered)
 
 
 def response_to_dict(resp) -> dict:
@@ -264,19 +279,13 @@ class _Grpc:
         return req
 
 
-class GrpcDetectorClient(_Grpc):
+class GrpcDetectorClient(_Grpc, _SyncClient):
     """`GrpcDetectorClient("127.0.0.1:50051").detect("cat.jpg")` -> dict (or `.detect_pb` for the message)."""
 
     _grpc = grpc
 
     def close(self) -> None:
         self.channel.close()
-
-    def __enter__(self) -> GrpcDetectorClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _call(self, method, request, timeout: float | None):
         def attempt(left: float):
@@ -304,17 +313,11 @@ class GrpcDetectorClient(_Grpc):
     def model(self, timeout: float | None = None) -> dict:
         return model_info_to_dict(self._call(self.stub.GetModelInfo, self.pb.GetModelInfoRequest(), timeout))
 
-    def detect_many(self, images: Iterable, concurrency: int = 8, ordered: bool = True,
-                    **params) -> Iterator[ImageResult]:
-        """`AsyncGrpcDetectorClient.detect_many` from sync code (on its own event loop and channel)."""
-        async def results() -> AsyncIterator[ImageResult]:
-            async with AsyncGrpcDetectorClient(**self._settings) as client:
-                async for r in client.detect_many(images, concurrency=concurrency, ordered=ordered, **params):
-                    yield r
-        return iterate_sync(results)
+    def _async_twin(self) -> AsyncGrpcDetectorClient:
+        return AsyncGrpcDetectorClient(**self._settings)
 
 
-class AsyncGrpcDetectorClient(_Grpc):
+class AsyncGrpcDetectorClient(_Grpc, _AsyncClient):
     """The grpc.aio client: `await AsyncGrpcDetectorClient(target).detect("cat.jpg")` -> dict. Create it
     inside the event loop that uses it (grpc.aio channels belong to one loop)."""
 
@@ -322,12 +325,6 @@ class AsyncGrpcDetectorClient(_Grpc):
 
     async def close(self) -> None:
         await self.channel.close()
-
-    async def __aenter__(self) -> AsyncGrpcDetectorClient:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()
 
     async def _call(self, method, request, timeout: float | None):
         async def attempt(left: float):
@@ -347,8 +344,3 @@ class AsyncGrpcDetectorClient(_Grpc):
     async def model(self, timeout: float | None = None) -> dict:
         return model_info_to_dict(await self._call(self.stub.GetModelInfo, self.pb.GetModelInfoRequest(), timeout))
 
-    def detect_many(self, images: Iterable, concurrency: int = 8, ordered: bool = True,
-                    **params) -> AsyncIterator[ImageResult]:
-        """As `AsyncHttpDetectorClient.detect_many`; `params`: those of `detect` (arrays go as raw pixels)."""
-        return run_many(lambda group: single_image_group(lambda im: self.detect(im, **params), group),
-                        images, concurrency, ordered)

@@ -37,14 +37,11 @@ SHIPPED_WEIGHTS = REPO / "weights" / "rtmdet_tiny_shapes.pth"
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     """The shipped shapes model (it finds real boxes in examples/shapes.jpg); batch 1, queue 1, 1 MiB uploads."""
-    server = ServerProcess(SHIPPED_WEIGHTS, tmp_path_factory.mktemp("logs") / "clients.log", RTMDET_API_KEY=API_KEY,
-                           RTMDET_MAX_BATCH_SIZE="1", RTMDET_MAX_QUEUE_SIZE="1", RTMDET_MAX_QUEUE_DELAY_MS="0",
-                           RTMDET_MAX_UPLOAD_BYTES=str(1024 * 1024), OMP_NUM_THREADS="1")
-    try:
+    with ServerProcess(SHIPPED_WEIGHTS, tmp_path_factory.mktemp("logs") / "clients.log", RTMDET_API_KEY=API_KEY,
+                       RTMDET_MAX_BATCH_SIZE="1", RTMDET_MAX_QUEUE_SIZE="1", RTMDET_MAX_QUEUE_DELAY_MS="0",
+                       RTMDET_MAX_UPLOAD_BYTES=str(1024 * 1024), OMP_NUM_THREADS="1") as server:
         server.wait_ready()
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
