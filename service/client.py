@@ -12,6 +12,7 @@ errors of service/client_errors.py. `detect_many` runs many images with bounded 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -78,8 +79,9 @@ class _SyncClient:
     def detect_many(self, images: Iterable, concurrency: int = 8, ordered: bool = True,
                     **params) -> Iterator[ImageResult]:
         async def results() -> AsyncIterator[ImageResult]:
-            async with self._async_twin() as client:
-                async for r in client.detect_many(images, concurrency=concurrency, ordered=ordered, **params):
+            async with self._async_twin() as client, contextlib.aclosing(
+                    client.detect_many(images, concurrency=concurrency, ordered=ordered, **params)) as many:
+                async for r in many:
                     yield r
         return iterate_sync(results)
     detect_many.__doc__ = _AsyncClient.detect_many.__doc__

@@ -110,9 +110,10 @@ async def run_many(detect_group: GroupCall, images: Iterable, concurrency: int =
             while next_index in waiting:
                 yield waiting.pop(next_index)
                 next_index += 1
-    finally:
+    finally:  # the caller stopped early (or failed): stop the calls still running and wait for them to end
         for task in running:
             task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 def iterate_sync(make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
@@ -128,4 +129,5 @@ def iterate_sync(make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
                 return
     finally:
         loop.run_until_complete(agen.aclose())
+        loop.run_until_complete(loop.shutdown_asyncgens())  # any generator it left unclosed
         loop.close()

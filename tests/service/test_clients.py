@@ -4,6 +4,7 @@ answers (with `Retry-After: 1` on HTTP) and the retries are the clients' own."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import pytest
-from svc_helpers import API_KEY, REPO, ServerProcess
+from svc_helpers import API_KEY, REPO, ServerProcess, free_port
 from test_load import samples, value
 
 from service.cli import main as rtmdet_main
@@ -139,6 +140,30 @@ def test_refusals_are_never_retried_and_keep_their_old_faces(srv):
     # Code written against the plain clients still catches them as before.
     assert isinstance(http_big.value, httpx.HTTPStatusError) and http_big.value.response.status_code == 413
     assert isinstance(grpc_big.value, grpc.RpcError) and grpc_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_no_server_is_retried_then_unavailable():
+    """A refused connection (HTTP ConnectError, gRPC UNAVAILABLE while connecting) is retried, then raised."""
+    port = free_port()  # nothing listens there
+    for make in (lambda p: HttpDetectorClient(f"http://127.0.0.1:{port}", retry=p),
+                 lambda p: GrpcDetectorClient(f"127.0.0.1:{port}", retry=p)):
+        events = []
+        policy = RetryPolicy(max_attempts=3, backoff_s=0.01, max_backoff_s=0.02, on_retry=events.append)
+        with make(policy) as client, pytest.raises(Unavailable) as err:
+            client.detect(SHAPES, timeout=10)
+        assert err.value.attempts == 3 and [e.attempt for e in events] == [1, 2]
+        assert err.value.status in (None, "UNAVAILABLE")
+
+
+def test_stopping_detect_many_early_leaves_nothing_running(srv, caplog):
+    with http_sync(srv) as h, grpc_sync(srv) as g:
+        for client in (h, g):
+            results = client.detect_many([SHAPES] * 6, concurrency=3)
+            assert next(results).ok
+            results.close()  # the calls still in flight are cancelled and awaited, their loop closed
+        gc.collect()
+        assert h.detect(SHAPES)["detections"] and g.detect(SHAPES)["detections"]
+    assert not [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
 
 
 def overload_counts(srv) -> tuple[float, float]:
