@@ -41,6 +41,16 @@ class DetectorError(Exception):
         tail = f" (after {self.attempts} attempts)" if self.attempts > 1 else ""
         return f"{where}: {self.message}{tail}"
 
+    def __reduce__(self):
+        # Pickled (e.g. to another process) as its plain kind: the httpx/grpc face does not travel.
+        return _rebuild, (self.kind, self.message, self.status, self.protocol, self.retry_after, self.attempts)
+
+    @property
+    def kind(self) -> type[DetectorError]:
+        """BadRequest, Unavailable, ...: the class without its httpx/grpc face."""
+        return next(c for c in type(self).__mro__ if c.__module__ == __name__ and issubclass(c, DetectorError)
+                    and c in _KINDS)
+
 
 class BadRequest(DetectorError):
     """Refused for what the request is; sending it again gets the same answer."""
@@ -60,6 +70,15 @@ class ServerError(DetectorError):
     """The server failed while handling the request."""
 
 
+_KINDS = frozenset({DetectorError, BadRequest, Unavailable, DeadlineExceeded, ServerError})
+
+
+def _rebuild(kind, message, status, protocol, retry_after, attempts) -> DetectorError:
+    err = kind(message, status=status, protocol=protocol, retry_after=retry_after)
+    err.attempts = attempts
+    return err
+
+
 class _GrpcStatus(grpc.RpcError):
     """The grpc.RpcError face of an error from a gRPC client."""
 
@@ -68,6 +87,9 @@ class _GrpcStatus(grpc.RpcError):
 
     def details(self) -> str:
         return self.message
+
+    def trailing_metadata(self):
+        return getattr(self, "_trailing", None)
 
 
 @functools.cache
@@ -182,6 +204,7 @@ def grpc_error(exc: grpc.RpcError) -> DetectorError:
     else:
         kind = ServerError
     err = _make(kind, _GrpcStatus, details, status=code.name, protocol="gRPC", retry_after=retry_after)
+    err._trailing = trailing
     if not may_retry:
         err.retryable = False
     return err
