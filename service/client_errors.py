@@ -48,8 +48,7 @@ class DetectorError(Exception):
     @property
     def kind(self) -> type[DetectorError]:
         """BadRequest, Unavailable, ...: the class without its httpx/grpc face."""
-        return next(c for c in type(self).__mro__ if c.__module__ == __name__ and issubclass(c, DetectorError)
-                    and c in _KINDS)
+        return next(c for c in type(self).__mro__ if c in _KINDS)
 
 
 class BadRequest(DetectorError):

@@ -28,6 +28,7 @@ from service.client import (
     RetryPolicy,
     Unavailable,
 )
+from service.client_cli import InputError, expand_inputs
 
 EXAMPLES = REPO / "examples"
 SHAPES = EXAMPLES / "shapes.jpg"
@@ -308,3 +309,16 @@ def test_rtmdet_client_refuses_unusable_inputs_before_sending(srv, tmp_path, cap
     assert rtmdet_main([*client_args(srv, "http"), str(SHAPES), "--coco-results", str(tmp_path / "r.json"),
                         "--coco-ann", str(ann)]) == 2
     assert "not among the images" in capsys.readouterr().err
+
+
+def test_inputs_expand_from_folders_globs_and_files_once_each(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "empty").mkdir()
+    for name in ("b.jpg", "a.PNG", "notes.txt", "sub/c.webp"):
+        (tmp_path / name).write_bytes(b"x")
+    assert expand_inputs([str(tmp_path)]) == [tmp_path / "a.PNG", tmp_path / "b.jpg"]  # by suffix, sorted, not deep
+    assert expand_inputs([str(tmp_path / "**" / "*.webp"), str(tmp_path / "notes.txt"), str(tmp_path / "*.jpg"),
+                          str(tmp_path / "b.jpg")]) == [tmp_path / "sub" / "c.webp", tmp_path / "notes.txt",
+                                                         tmp_path / "b.jpg"]
+    with pytest.raises(InputError, match="no image files"):
+        expand_inputs([str(tmp_path / "empty")])
