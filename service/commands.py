@@ -88,7 +88,7 @@ def run_client(args: argparse.Namespace) -> int:
         if args.coco_results:
             coco = CocoIds.from_annotations(args.coco_ann, files) if args.coco_ann else CocoIds.numbered(files)
     except InputError as exc:
-        print(f"rtmdet client: {exc}", file=sys.stderr)
+        print(f"rtmdet client: error: {exc}", file=sys.stderr)
         return 2
     retry = RetryPolicy(max_attempts=args.attempts)
     if args.grpc or args.protocol == "grpc":
@@ -118,10 +118,10 @@ def run_client(args: argparse.Namespace) -> int:
                             bar.write(f"error: {result.name}: {result.error}", file=sys.stderr)
                     bar.update()
     except InputError as exc:
-        print(f"rtmdet client: {exc}", file=sys.stderr)
+        print(f"rtmdet client: error: {exc}", file=sys.stderr)
         return 2
     except DetectorError as exc:  # only the model-info call above; per-image errors are results
-        print(f"rtmdet client: {exc}", file=sys.stderr)
+        print(f"rtmdet client: error: {exc}", file=sys.stderr)
         return 1
     finally:
         if args.out and lines is not None:

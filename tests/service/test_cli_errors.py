@@ -104,7 +104,7 @@ CASES = [
     ("convert-checkpoint {ckpt} {folder}", "folder: is a folder; give the file to write"),
     ("convert-checkpoint {ckpt} {ckpt}", "is the input; write the converted file elsewhere"),
     # client
-    ("client {dir}/missing.jpg", "No such file or directory"),
+    ("client {dir}/missing.jpg", "missing.jpg: no such file or folder"),
     ("client {image} --timeout 0", "argument --timeout: '0' is not a number > 0"),
     # serve: settings are checked before anything starts
     ("serve --http-port 70000", "bad settings: http_port (RTMDET_HTTP_PORT or its flag): Input should be less than"),
