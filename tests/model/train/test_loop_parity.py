@@ -13,8 +13,12 @@ top-k choices): the tool measured the worst relative loss difference growing abo
 3e-5 at iteration 35. The loss tolerance is 1e-9 * 2^i, capped at 1e-3 (15-300x above what was measured at
 each stage); a real difference (a weight decay on norms, an lr formula, an EMA rule) starts at 1e-7 or more
 and, growing at the same rate, leaves it behind within a few iterations (a float32 run, whose start is 1e-7
-apart, disagrees at 1e-2 by iteration 8). The final weights differ by at most 4e-6 of each tensor's largest
-value (the tool's measurement); the tolerance is 1e-4. Integer buffers, lr and parameter groups are exact.
+apart, disagrees at 1e-2 by iteration 8). The final weights differ by at most 3.8e-6 of each tensor's largest
+value (the tool's measurement, a BN running_var); the tolerance is 1e-4. The EMA is checked through its offset
+from the raw weights, which agreed within 7.3e-5 of each tensor's largest offset; the tolerance is 2e-3 (a
+wrong EMA rule moves it by O(1): averaging the shared head convs once a step instead of once per key, 3000x;
+skipping the buffers, 1x; gamma 1000 for 2000, 1x). Integer buffers, lr and parameter groups are exact.
+The fixture stores float32 digests (small tensors whole, 512 samples and the norm of larger ones), 1.6 MB.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from model.train.replay import ReplayPlan, digest, replay, unpack_digest
 
 FIXTURE = Path(__file__).resolve().parents[2] / "data" / "parity" / "train_loop_tiny.pt"
 WEIGHT_TOL = 1e-4
-EMA_TOL = 1e-2
+EMA_TOL = 2e-3
 
 
 def loss_tolerance(i: int) -> float:
