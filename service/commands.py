@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from model.cli_support import add_weights_key_argument, fraction, one_line, positive_float, positive_int
 from model.config import SIZES
 
 
@@ -21,21 +22,26 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=Path)
     p.add_argument("--size", choices=SIZES)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    add_weights_key_argument(p)
     p.set_defaults(func=run_serve)
 
 
 def settings_from_args(args: argparse.Namespace):
     from pydantic import ValidationError
 
+    from model.errors import UserError
     from service.settings import ServiceSettings
 
     overrides = {k: v for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
-                                   "weights": args.weights, "size": args.size, "device": args.device}.items()
+                                   "weights": args.weights, "size": args.size, "device": args.device,
+                                   "weights_key": getattr(args, "weights_key", None)}.items()
                  if v is not None}
     try:
         return ServiceSettings(**overrides)
     except ValidationError as exc:
-        raise SystemExit(f"rtmdet serve: bad settings:\n{exc}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (RTMDET_{str(e['loc'][0]).upper()} or its flag): "
+                             f"{e['msg']} (got {e.get('input')!r})" for e in exc.errors())
+        raise UserError(f"bad settings: {problems}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -51,10 +57,10 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP base URL")
     p.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
     p.add_argument("--api-key", default=os.environ.get("RTMDET_API_KEY"))
-    p.add_argument("--score-threshold", type=float)
-    p.add_argument("--max-detections", type=int)
+    p.add_argument("--score-threshold", type=fraction)
+    p.add_argument("--max-detections", type=positive_int)
     p.add_argument("--classes", nargs="*")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds")
     p.set_defaults(func=run_client)
 
 
@@ -69,7 +75,7 @@ def run_client(args: argparse.Namespace) -> int:
                 with GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout) as c:
                     result = c.detect(args.image, **params)
             except grpc.RpcError as exc:
-                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                print(f"rtmdet client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
         else:
             import httpx
@@ -79,13 +85,15 @@ def run_client(args: argparse.Namespace) -> int:
                 with HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout) as c:
                     result = c.detect(args.image, **params)
             except httpx.HTTPStatusError as exc:
-                print(f"error: HTTP {exc.response.status_code}: {exc.response.text}", file=sys.stderr)
+                print(f"rtmdet client: error: HTTP {exc.response.status_code}: {one_line(exc.response.text)}",
+                      file=sys.stderr)
                 return 1
             except httpx.HTTPError as exc:
-                print(f"error: {exc}", file=sys.stderr)
+                print(f"rtmdet client: error: {args.url}: {one_line(str(exc)) if str(exc) else type(exc).__name__}",
+                      file=sys.stderr)
                 return 1
     except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"rtmdet client: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))
     return 0

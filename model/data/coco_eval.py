@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from model.errors import UserError
+
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 # The lines COCOeval.summarize() prints, in `stats` order.
@@ -57,7 +59,7 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "faster-coco-eval" if have_faster else "pycocotools"
     if backend == "faster-coco-eval" and not have_faster:
-        raise ValueError("backend faster-coco-eval: the package is not installed (pip install faster-coco-eval)")
+        raise UserError("--backend faster-coco-eval: the package is not installed (pip install faster-coco-eval)")
     return backend
 
 
