@@ -59,6 +59,8 @@ def plot_training(out_dir: str | Path) -> list[Path]:
 def plot_pr_curves(result, path: str | Path, max_legend: int = 20) -> Path:
     """Precision-recall curves of a `CocoEvalResult` (area all, 100 detections): one thin line per class at
     IoU 0.50, and the class mean at IoU 0.50, 0.75 and over 0.50:0.95. Written as PNG to `path`."""
+    import warnings
+
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
@@ -79,10 +81,12 @@ def plot_pr_curves(result, path: str | Path, max_legend: int = 20) -> Path:
         defined = p > -1
         return np.where(defined.any(1), np.where(defined, p, 0).sum(1) / np.maximum(defined.sum(1), 1), np.nan)
 
+    with warnings.catch_warnings():  # recall points no class reaches are nan in every row: a gap in the line
+        warnings.simplefilter("ignore", RuntimeWarning)
+        overall = np.nanmean(np.stack([class_mean(prec[t]) for t in range(prec.shape[0])]), 0)
     for curve, label, style in ((class_mean(prec[0]), "mean @ IoU 0.50", "-"),
                                 (class_mean(prec[5]), "mean @ IoU 0.75", "--"),
-                                (np.nanmean(np.stack([class_mean(prec[t]) for t in range(prec.shape[0])]), 0),
-                                 "mean @ IoU 0.50:0.95", ":")):
+                                (overall, "mean @ IoU 0.50:0.95", ":")):
         ax.plot(recall, curve, color="black", lw=2.5, ls=style, label=label)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")

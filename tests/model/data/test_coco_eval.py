@@ -174,6 +174,19 @@ def test_backend_choice():
         resolve_backend("detectron")
 
 
+def test_backend_without_faster_coco_eval_installed(monkeypatch):
+    import importlib.util
+
+    from model.errors import UserError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faster_coco_eval" else
+                        real(name, *a))
+    assert resolve_backend("auto") == "pycocotools"
+    with pytest.raises(UserError, match="not installed"):
+        resolve_backend("faster-coco-eval")
+
+
 def test_results_file_is_what_pycocotools_loads():
     from pycocotools.cocoeval import COCOeval
 
