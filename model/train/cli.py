@@ -100,7 +100,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="COCO evaluator (auto: faster-coco-eval when installed, else pycocotools; same numbers)")
     p.add_argument("--plot-pr", metavar="FILE", help="write precision-recall curves per class (PNG) here")
     p.add_argument("--save-json", metavar="FILE", help="write the detections here in the COCO results format")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is shown only when stderr is a terminal)")
     add_weights_key_argument(p)
     p.set_defaults(func=run_eval)
 
@@ -128,7 +129,7 @@ def run_eval(args: argparse.Namespace) -> int:
     load_state_dict_strict(model, state, source=args.weights)
     result, detections = evaluate_model_full(model, dataset, args.img_size,
                                              None if args.device == "auto" else args.device, args.batch_size,
-                                             backend=backend, progress=not args.no_progress)
+                                             backend=backend, progress=False if args.no_progress else None)
     if args.save_json:
         save_results_json(args.save_json, detections, dataset.label_to_cat_id)
     if args.plot_pr:

@@ -36,14 +36,16 @@ def find_split(data_dir: str | Path, split: str) -> tuple[Path, Path]:
 
 @torch.no_grad()
 def predict_dataset(detector: Detector, dataset: CocoDetection, batch_size: int = 8,
-                    max_images: int | None = None, progress: bool = False) -> dict[int, tuple]:
+                    max_images: int | None = None, progress: bool | None = False) -> dict[int, tuple]:
     """{image_id: (boxes xyxy original pixels, scores, labels)} for the first `max_images` images; with
-    `progress`, a bar on stderr (stdout stays for the results)."""
+    `progress`, a bar on stderr (stdout stays for the results); None: only when stderr is a terminal (a log
+    file or pipe gets no bar, and an error is still the only line there)."""
     from tqdm import tqdm
 
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     results: dict[int, tuple] = {}
-    with tqdm(total=n, desc="eval", unit="img", file=sys.stderr, dynamic_ncols=True, disable=not progress) as bar:
+    disable = None if progress is None else not progress
+    with tqdm(total=n, desc="eval", unit="img", file=sys.stderr, dynamic_ncols=True, disable=disable) as bar:
         for start in range(0, n, batch_size):
             samples = [dataset[i] for i in range(start, min(n, start + batch_size))]
             for sample, det in zip(samples, detector([s.img for s in samples]), strict=True):
@@ -55,7 +57,7 @@ def predict_dataset(detector: Detector, dataset: CocoDetection, batch_size: int 
 def evaluate_model_full(model: nn.Module, dataset: CocoDetection, img_size: int = 640,
                         device: str | torch.device | None = None, batch_size: int = 8,
                         max_images: int | None = None, backend: str = "pycocotools",
-                        progress: bool = False) -> tuple[CocoEvalResult, dict[int, tuple]]:
+                        progress: bool | None = False) -> tuple[CocoEvalResult, dict[int, tuple]]:
     """COCO evaluation of `model` (left untouched: the detector works on a fused copy) and its detections."""
     detector = Detector(model, class_names=dataset.class_names, device=device, test_cfg=TestConfig(input_size=img_size),
                         fuse=True)

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import os
+import pty
 import re
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,12 +30,36 @@ def shapes(tmp_path_factory) -> Path:
     return root
 
 
-def _eval(shapes: Path, *extra: str) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "service.cli", "eval", "--weights", str(WEIGHTS), "--data", str(shapes),
-                          "--img-size", "160", "--batch-size", "3", "--device", "cpu", *extra], cwd=REPO,
-                         capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+def _eval(shapes: Path, *extra: str, stderr_tty: bool = False) -> subprocess.CompletedProcess:
+    """Run `rtmdet eval`; with `stderr_tty` its stderr is a pseudo-terminal (the bar is only drawn on one)."""
+    cmd = [sys.executable, "-m", "service.cli", "eval", "--weights", str(WEIGHTS), "--data", str(shapes),
+           "--img-size", "160", "--batch-size", "3", "--device", "cpu", *extra]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    if not stderr_tty:
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    else:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+        with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=slave, text=True, env=env) as proc:
+            os.close(slave)
+            chunks: list[bytes] = []
+            reader = threading.Thread(target=_drain, args=(master, chunks), daemon=True)
+            reader.start()
+            out = proc.communicate(timeout=300)[0]
+            reader.join(timeout=30)
+        res = subprocess.CompletedProcess(cmd, proc.returncode, out, b"".join(chunks).decode(errors="replace"))
     assert res.returncode == 0, res.stderr[-3000:]
     return res
+
+
+def _drain(fd: int, chunks: list[bytes]) -> None:
+    try:
+        while data := os.read(fd, 4096):
+            chunks.append(data)
+    except OSError:  # EIO once the child has closed its end
+        pass
+    finally:
+        os.close(fd)
 
 
 def _pycocotools_stats(shapes: Path, dets: Path) -> list[float]:
@@ -50,7 +79,7 @@ def _pycocotools_stats(shapes: Path, dets: Path) -> list[float]:
 def saved(shapes, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("eval")
     plot, dets = out / "plots" / "pr.png", out / "dets.json"
-    res = _eval(shapes, "--backend", "pycocotools", "--plot-pr", str(plot), "--save-json", str(dets))
+    res = _eval(shapes, "--backend", "pycocotools", "--plot-pr", str(plot), "--save-json", str(dets), stderr_tty=True)
     return {"res": res, "plot": plot, "dets": dets}
 
 
@@ -67,8 +96,9 @@ def test_eval_prints_per_class_ap_and_writes_plot_and_detections(shapes, saved):
         assert re.fullmatch(r" \w+ +(\d\.\d{3}|-) +(\d\.\d{3}|-)", r), r
     class_ap = [float(r.split()[1]) for r in rows if r.split()[1] != "-"]
     assert sum(class_ap) / len(class_ap) == pytest.approx(ap, abs=1e-3)  # the summary AP is their mean
-    # The bar goes to stderr, with the image count; stdout holds only the tables.
+    # The bar goes to stderr (a terminal here), with the image count; stdout holds only the tables.
     assert re.search(r"eval: 100%\|.*\| 6/6", res.stderr), res.stderr[-500:]
+    assert "eval:" not in res.stdout
 
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import matplotlib.image
@@ -85,4 +115,4 @@ def test_faster_coco_eval_backend_gives_the_pycocotools_numbers(shapes, saved):
     stats = json.loads(fast.stdout.splitlines()[-1])
     # The same detections (the pipeline is deterministic) scored by pycocotools from the saved file.
     assert list(stats.values()) == pytest.approx(_pycocotools_stats(shapes, saved["dets"]), abs=1e-12)
-    assert "eval:" not in fast.stderr  # --no-progress
+    assert "eval:" not in fast.stderr  # stderr is a pipe here: no bar (an error stays the only line)
