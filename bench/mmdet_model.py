@@ -19,17 +19,23 @@ class _NoCompiledOps(types.ModuleType):
         return op
 
 
-def build_mmdet_rtmdet(size: str, num_classes: int | None = None):
-    """The RTMDet detector of `rtmdet_{size}_8xb32-300e_coco.py`, randomly initialised (no download)."""
+def official_config(size: str):
+    """MMDetection's packaged `rtmdet_{size}_8xb32-300e_coco.py` as an mmengine Config (mmdet's modules registered)."""
     sys.modules.setdefault("mmcv._ext", _NoCompiledOps("mmcv._ext"))
     import mmdet
-    from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
 
     register_all_modules(init_default_scope=True)
     cfg_dir = glob.glob(os.path.join(os.path.dirname(mmdet.__file__), ".mim", "configs", "rtmdet"))[0]
-    cfg = Config.fromfile(os.path.join(cfg_dir, f"rtmdet_{size}_8xb32-300e_coco.py"))
+    return Config.fromfile(os.path.join(cfg_dir, f"rtmdet_{size}_8xb32-300e_coco.py"))
+
+
+def build_mmdet_rtmdet(size: str, num_classes: int | None = None):
+    """The RTMDet detector of `rtmdet_{size}_8xb32-300e_coco.py`, randomly initialised (no download)."""
+    cfg = official_config(size)
+    from mmdet.registry import MODELS
+
     if num_classes is not None:
         cfg.model.bbox_head.num_classes = num_classes
     cfg.model.backbone.init_cfg = None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.losses import box_iou_pairwise
+from model.losses import at_least_float32, box_iou_pairwise
 
 _IOU_EPS = 1e-7
 
@@ -44,10 +44,11 @@ class DynamicSoftLabelAssigner:
         gt_boxes (G, 4) xyxy; gt_labels (G,)."""
         num_priors = priors.shape[0]
         gt_index = torch.full((num_priors,), -1, dtype=torch.long, device=priors.device)
-        iou_out = torch.zeros(num_priors, dtype=torch.float32, device=priors.device)
+        logits, boxes = at_least_float32(logits), at_least_float32(boxes)
+        gt_boxes = gt_boxes.to(boxes.dtype)
+        iou_out = torch.zeros(num_priors, dtype=boxes.dtype, device=priors.device)
         if gt_boxes.shape[0] == 0 or num_priors == 0:
             return AssignResult(gt_index, iou_out)
-        logits, boxes, gt_boxes = logits.float(), boxes.float(), gt_boxes.float()
 
         points = priors[:, :2]
         deltas = torch.cat((points[:, None] - gt_boxes[None, :, :2], gt_boxes[None, :, 2:] - points[:, None]), -1)

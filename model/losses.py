@@ -37,9 +37,14 @@ def aligned_giou(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) ->
     return overlap / union - (enclose - union) / enclose
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> float32 (pixel areas overflow fp16, and AMP's half outputs lose the loss); float64 stays."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def giou_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """(N,) 1 - GIoU, computed in float32 (fp16 overflows on pixel areas)."""
-    return 1.0 - aligned_giou(pred.float(), target.float(), eps)
+    """(N,) 1 - GIoU, computed in float32 at least (fp16 overflows on pixel areas)."""
+    return 1.0 - aligned_giou(at_least_float32(pred), at_least_float32(target), eps)
 
 
 def quality_focal_loss(logits: torch.Tensor, labels: torch.Tensor, quality: torch.Tensor,
@@ -49,7 +54,7 @@ def quality_focal_loss(logits: torch.Tensor, labels: torch.Tensor, quality: torc
     QFL(sigma) = -|y - sigma|^beta * ((1-y) log(1-sigma) + y log(sigma)), with y = IoU at the positive's
     own class and 0 everywhere else.
     """
-    logits = logits.float()
+    logits = at_least_float32(logits)
     prob = logits.sigmoid()
     loss = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none") * prob.pow(beta)
     num_classes = logits.shape[1]

@@ -14,7 +14,7 @@ from torch import nn
 from model.assigner import DynamicSoftLabelAssigner
 from model.boxes import distance2bbox, grid_priors
 from model.config import STRIDES
-from model.losses import giou_loss, quality_focal_loss
+from model.losses import at_least_float32, giou_loss, quality_focal_loss
 from model.nn.blocks import ConvModule
 
 _FLOAT32_EPS = torch.finfo(torch.float32).eps  # MMDetection divides sums by (avg_factor + this)
@@ -92,8 +92,9 @@ class RTMDetSepBNHead(nn.Module):
         sizes = [tuple(c.shape[-2:]) for c in cls_scores]
         counts = [h * w for h, w in sizes]
         priors = grid_priors(sizes, self.strides, device=device)
-        flat_cls = torch.cat([c.float().permute(0, 2, 3, 1).reshape(num_imgs, -1, num_classes) for c in cls_scores], 1)
-        flat_reg = torch.cat([r.float().permute(0, 2, 3, 1).reshape(num_imgs, -1, 4) for r in bbox_preds], 1)
+        flat_cls = torch.cat([at_least_float32(c).permute(0, 2, 3, 1).reshape(num_imgs, -1, num_classes)
+                              for c in cls_scores], 1)
+        flat_reg = torch.cat([at_least_float32(r).permute(0, 2, 3, 1).reshape(num_imgs, -1, 4) for r in bbox_preds], 1)
         decoded = distance2bbox(priors[None], flat_reg)  # (B, P, 4), unclamped
 
         labels = torch.full(flat_cls.shape[:2], num_classes, dtype=torch.long, device=device)
@@ -101,7 +102,7 @@ class RTMDetSepBNHead(nn.Module):
         targets = decoded.new_zeros(decoded.shape)
         det_cls, det_boxes = flat_cls.detach(), decoded.detach()
         for i in range(num_imgs):
-            boxes_i = gt_boxes[i].to(device=device, dtype=torch.float32).reshape(-1, 4)
+            boxes_i = gt_boxes[i].to(device=device, dtype=flat_reg.dtype).reshape(-1, 4)
             labels_i = gt_labels[i].to(device=device, dtype=torch.long).reshape(-1)
             res = assigner.assign(priors, det_cls[i], det_boxes[i], boxes_i, labels_i)
             pos = res.positive

@@ -96,17 +96,26 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object with pycocotools' names")
+    p.add_argument("--backend", default="auto", choices=["auto", "pycocotools", "faster-coco-eval"],
+                   help="COCO evaluator (auto: faster-coco-eval when installed, else pycocotools; same numbers)")
+    p.add_argument("--plot-pr", metavar="FILE", help="write precision-recall curves per class (PNG) here")
+    p.add_argument("--save-json", metavar="FILE", help="write the detections here in the COCO results format")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is shown only when stderr is a terminal)")
     add_weights_key_argument(p)
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from model.checkpoint import CheckpointError, infer_num_classes, load_state_dict_strict, read_checkpoint
-    from model.data.coco_eval import format_coco_table
+    from model.data.coco_eval import format_class_table, format_coco_table, resolve_backend
     from model.data.formats import open_split
     from model.nn.rtmdet import build_rtmdet
-    from model.train.evaluate import evaluate_model
+    from model.train.evaluate import evaluate_model_full, save_results_json
+    from model.train.plots import plot_pr_curves
     from model.zoo import resolve_weights, zoo_size
+
+    backend = resolve_backend(args.backend)  # before the slow part: a missing package fails at once
 
     state, meta = read_checkpoint(resolve_weights(args.weights, kind="detector", size=args.size),
                                   args.weights_key or "ema")
@@ -118,10 +127,17 @@ def run_eval(args: argparse.Namespace) -> int:
                               f"{dataset.num_classes}")
     model = build_rtmdet(size, num_classes=dataset.num_classes)
     load_state_dict_strict(model, state, source=args.weights)
-    stats = evaluate_model(model, dataset, args.img_size, None if args.device == "auto" else args.device,
-                           args.batch_size)
+    result, detections = evaluate_model_full(model, dataset, args.img_size,
+                                             None if args.device == "auto" else args.device, args.batch_size,
+                                             backend=backend, progress=False if args.no_progress else None)
+    if args.save_json:
+        save_results_json(args.save_json, detections, dataset.label_to_cat_id)
+    if args.plot_pr:
+        plot_pr_curves(result, args.plot_pr)
     if args.json:
-        print(json.dumps(stats))
+        print(json.dumps(result.stats))
     else:
-        print(format_coco_table(stats))
+        print(format_coco_table(result.stats))
+        print()
+        print(format_class_table(result))
     return 0

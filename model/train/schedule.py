@@ -1,7 +1,8 @@
 """AdamW with the official parameter groups, and the official learning-rate curve per iteration.
 
 Official recipe (rtmdet_*_8xb32-300e_coco.py): AdamW lr 0.004 for a total batch of 256, weight decay 0.05
-except on norm layers and biases; `LinearLR(start_factor=1e-5)` over the first 1000 iterations; flat;
+except on norm layers and biases; `LinearLR(start_factor=1e-5, end=1000)`: linear from 1e-5 at iteration 0 to 1
+at iteration 999; flat;
 then cosine down to 5% of the base lr (0.0002 / 0.004) over the second half of the epochs.
 """
 from __future__ import annotations
@@ -79,7 +80,8 @@ class LrSchedule:
         """Multiplier of the base lr for iteration `it` (0-based: the lr used by the it-th update)."""
         f = 1.0
         if it < self.warmup_iters:
-            f *= self.warmup_start_factor + (1.0 - self.warmup_start_factor) * it / self.warmup_iters
+            # mmengine's LinearLR(begin=0, end=W) steps W - 1 times: the factor reaches 1 at iteration W - 1.
+            f *= self.warmup_start_factor + (1.0 - self.warmup_start_factor) * it / max(self.warmup_iters - 1, 1)
         if it >= self.cosine_start and self.total_iters > self.cosine_start:
             progress = min(1.0, (it - self.cosine_start) / (self.total_iters - self.cosine_start))
             f *= self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))

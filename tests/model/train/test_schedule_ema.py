@@ -14,7 +14,10 @@ def test_official_schedule_at_chosen_iterations():
     # 300 epochs of 100 iterations: warm-up over 1000, flat, cosine from epoch 150 (iteration 15000) to 30000.
     s = LrSchedule.from_config(OptimConfig(), epochs=300, iters_per_epoch=100)
     assert s.factor(0) == pytest.approx(1e-5)
-    assert s.factor(500) == pytest.approx(1e-5 + (1 - 1e-5) * 0.5)
+    # mmengine's LinearLR(end=1000) takes 999 steps: full lr from iteration 999 on (not 1000).
+    assert s.factor(500) == pytest.approx(1e-5 + (1 - 1e-5) * 500 / 999, rel=1e-12)
+    assert s.factor(998) < 1.0
+    assert s.factor(999) == 1.0
     assert s.factor(1000) == 1.0
     assert s.factor(14999) == 1.0
     assert s.factor(15000) == pytest.approx(1.0)
@@ -31,7 +34,7 @@ def test_lr_scales_with_total_batch_and_is_written_into_every_group():
     opt = build_optimizer(model, cfg, total_batch=64)
     s = LrSchedule(total_iters=100, warmup_iters=10, cosine_start=50)
     lr = s.apply(opt, cfg.scaled_lr(64), 5)
-    assert lr == pytest.approx(0.001 * (1e-5 + (1 - 1e-5) * 0.5))
+    assert lr == pytest.approx(0.001 * (1e-5 + (1 - 1e-5) * 5 / 9))
     assert all(g["lr"] == lr for g in opt.param_groups)
 
 
@@ -67,16 +70,27 @@ def test_ema_momentum_and_update_rule():
     assert set(state) == {"module.weight", "steps"} and int(state["steps"]) == 2
 
 
-def test_ema_averages_bn_buffers_and_shared_convs_once():
+def test_ema_averages_bn_buffers_and_shared_convs_once_per_key_as_mmengine():
     model = build_rtmdet("tiny")
     ema = ExpMomentumEMA(model)
     ema.update(model)
     shared = model.bbox_head.cls_convs[0][0].conv.weight
+    own = model.bbox_head.rtm_cls[0].weight
     with torch.no_grad():
         shared.add_(1.0)
+        own.add_(1.0)
         model.bbox_head.cls_convs[1][0].bn.running_mean.add_(1.0)
+        for bn in (model.bbox_head.cls_convs[1][0].bn, model.backbone.stem[0].bn):
+            bn.num_batches_tracked.add_(5)
     ema.update(model)
     m = ema.momentum_at(1)
+    # mmengine lerps every state_dict key; the shared conv is listed under 3 keys (levels 0, 1, 2), so it
+    # moves 1 - (1 - m)^3 of the way; an unshared weight moves m.
     delta = ema.module.bbox_head.cls_convs[2][0].conv.weight - (shared - 1.0)
-    assert torch.allclose(delta, torch.full_like(delta, m), atol=1e-6)  # one update, not one per alias key
+    assert torch.allclose(delta, torch.full_like(delta, 1 - (1 - m) ** 3), atol=1e-6)
+    delta_own = ema.module.bbox_head.rtm_cls[0].weight - (own - 1.0)
+    assert torch.allclose(delta_own, torch.full_like(delta_own, m), atol=1e-6)
     assert torch.allclose(ema.module.bbox_head.cls_convs[1][0].bn.running_mean, torch.full((96,), m), atol=1e-6)
+    # Integer buffers: copied at the first update only (update_buffers averages floats and skips the rest).
+    assert int(ema.module.backbone.stem[0].bn.num_batches_tracked) == 0
+    assert int(ema.module.bbox_head.cls_convs[1][0].bn.num_batches_tracked) == 0
