@@ -108,6 +108,11 @@ class Detector:
             return runner
         return build_runner(self.accelerate, self.network, self.normalize, example_uint8, self.strides)
 
+    def set_runner(self, runner, name: str) -> None:
+        """Run the network with `runner` (uint8 batch -> raw head outputs, model.inference.accelerate), e.g.
+        one built elsewhere and shared; `name` is what `describe()` reports."""
+        self._runner, self.accelerate = runner, name
+
     def _run(self, batch_uint8: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self.accelerate == "cudagraph":
             batch_uint8 = batch_uint8.to(self.device, non_blocking=True)
