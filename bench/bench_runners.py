@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-from bench_model import photos  # noqa: E402
+from bench_model import machine_line, photos  # noqa: E402
 from bench_vs_mmdet import MMDET_PY, MMDetPeer  # noqa: E402
 
 from model import Detector, TestConfig, build_rtmdet  # noqa: E402
@@ -194,12 +193,8 @@ def main() -> int:
     import onnxruntime
     import openvino
 
-    cpu_lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in cpu_lines if ln.startswith("model name")), "?")
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu}, {os.cpu_count()} logical CPUs; "
-          f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__} "
-          f"(MMDetection's venv: its own torch); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
-          f"640x640, seeded weights, BatchNorm folded, channels_last for torch")
+    print(f"\n{machine_line()}; onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__} "
+          "(MMDetection's venv: its own torch); 640x640, seeded weights, BatchNorm folded, channels_last for torch")
     return 0
 
 
