@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,11 @@ class OnnxRuntimeRunner:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1  # one graph at a time: parallelism is inside each operator
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime's own thread pool spins between operators by default; follow the process's OpenMP wait
+        # policy instead, so that with OMP_WAIT_POLICY=PASSIVE (what the tests and a shared machine use) it
+        # waits as passively as torch's threads do.
+        spin = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, batch_uint8: torch.Tensor) -> Outputs:
