@@ -13,7 +13,8 @@ How, on the first batch the Detector sees (its warm-up's first size, normally ba
 - then all candidates are timed in `ROUNDS` alternating rounds of one call each (a shared machine's load
   falls on all of them alike); the median decides.
 Cost, bounded by construction: one ONNX export (~10 s for tiny here), one inductor compile (~5-20 s for
-tiny), and WARM_CALLS + ROUNDS = 7 forwards per candidate: about 30-40 s for tiny at 640 on 1 thread here.
+tiny), and WARM_CALLS + ROUNDS = 7 forwards per candidate: 10-15 s for tiny at 320 on 1 thread here (measured,
+inductor's compile cache warm); more at 640 and for larger sizes.
 The result (every candidate's median and error) is kept in `AutoChoice` (`Detector.auto_choice`) and logged;
 `Detector.describe()['accelerate']` names the runner chosen.
 """
