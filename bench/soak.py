@@ -159,8 +159,9 @@ def run_client(job: ClientJob, out: mp.Queue, ready, go) -> None:
         client = httpx.Client(base_url=job.target, headers=headers, timeout=120)
         call = _outcome_http
     else:
-        from service.client import GrpcDetectorClient
-        client = GrpcDetectorClient(job.target, api_key=job.api_key, timeout=120)
+        from service.client import NO_RETRY, GrpcDetectorClient
+        # No retries: a refusal is what this load generator counts.
+        client = GrpcDetectorClient(job.target, api_key=job.api_key, timeout=120, retry=NO_RETRY)
         call = _outcome_grpc
     try:
         with ready.get_lock():

@@ -1,31 +1,109 @@
 """Official-format checkpoints: load strictly without unpickling code, save in the same layout.
 
-An MMDetection checkpoint is `{'meta': {...}, 'state_dict': {...}}`; training ones add
-`ema_state_dict`, `optimizer` and `message_hub`. `.safetensors` files hold a bare state dict, with
-the class names (if any) in the header metadata.
+An MMDetection checkpoint is `{'meta': {...}, 'state_dict': {...}}` (the published form). Training ones, as
+mmengine's Runner writes them, add `message_hub`, `optimizer`, `param_schedulers` and, with `EMAHook` (every
+RTMDet config), `ema_state_dict`. The hook swaps the two sets when it saves: `state_dict` holds the EMA weights
+(the ones MMDetection evaluates and publishes) and `ema_state_dict` the raw training weights, keys prefixed
+`module.`, plus a `steps` counter. Our Trainer writes the same layout. `weights_key` picks a set: "ema" (the
+default: `state_dict`, which is the only set in a file trained without EMA) or "raw" (`ema_state_dict`).
+Training files hold mmengine and numpy objects that `weights_only=True` refuses; `model.foreign_pickle` reads
+those as data. `.safetensors` files hold a bare state dict, with the class names (if any) in the header metadata.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from model.errors import UserError
 
-class CheckpointError(ValueError):
+WEIGHTS_KEYS = ("ema", "raw")
+_PREFIXES = ("module.", "model.")  # wrappers (DDP, EMA, Lightning-style) around the detector's own keys
+# What torch's weights-only unpickler (and ours inside it) says when it stops a pickle from calling something.
+_REFUSALS = ("is not allowed", "unrecognized function", "Can only", "Unsupported global")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded into the model; the message names the file and the problem."""
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, meta) from a `.pth`/`.pt` (weights_only) or `.safetensors` file."""
+def _first_bytes(path: Path, n: int) -> bytes:
+    with path.open("rb") as f:
+        return f.read(n)
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    """One line for a file torch cannot open, without torch's advice (ANSI-coloured, about unsafe loading)."""
+    if isinstance(exc, EOFError):
+        reason = "the file is empty or cut short"
+    elif not _first_bytes(path, 4).startswith((b"PK\x03\x04", b"\x80\x02")):  # zip, or torch's legacy pickle
+        reason = "not a PyTorch file (a .pth zip archive) nor .safetensors"
+    else:
+        text = _ANSI.sub("", str(exc)).strip()
+        marker = "WeightsUnpickler error:"
+        text = text[text.index(marker) + len(marker):] if marker in text else text
+        reason = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(exc).__name__
+    return CheckpointError(f"{path}: not a readable checkpoint ({reason[:300]})")
+
+
+def _load_pickled(path: Path):
+    """torch's `weights_only=True` load; if that refuses the file only for its mmengine/numpy objects, the same
+    unpickler with data-only stand-ins for them (`model.foreign_pickle`). Code in a pickle is never run."""
+    from model.foreign_pickle import ForeignPickleError, foreign_globals, load_foreign
+
+    with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says what matters
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first = exc
+        try:
+            names = foreign_globals(path) if zipfile.is_zipfile(path) else []
+        except Exception:
+            names = []
+        if not names:
+            raise _unreadable(path, first) from None
+        try:
+            return load_foreign(path, names)
+        except ForeignPickleError as exc:
+            raise CheckpointError(f"{path}: refused: {exc}") from None
+        except Exception as exc:
+            error = _unreadable(path, exc)
+            if any(w in str(error) for w in _REFUSALS):  # the unpickler stopped a call or a build
+                error = CheckpointError(str(error).replace("not a readable checkpoint (", "refused (", 1))
+            raise error from None
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in _PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return _strip_prefixes({k[len(prefix):]: v for k, v in state.items()})
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike, weights_key: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, meta) from a `.pth`/`.pt` or `.safetensors` file; `weights_key` as in the module docstring.
+    `meta` is plain data (numpy values as lists and numbers)."""
+    from model.foreign_pickle import plain_data
+
+    if weights_key not in WEIGHTS_KEYS:
+        raise ValueError(f"weights_key must be one of {WEIGHTS_KEYS}, not {weights_key!r}")
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "checkpoint file not found"
+        raise CheckpointError(f"{path}: {what}")
     if path.suffix == ".safetensors":
+        if weights_key == "raw":
+            raise CheckpointError(f"{path}: a .safetensors file holds one set of weights; drop --weights-key raw")
         from safetensors import safe_open
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -34,19 +112,21 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         except Exception as exc:  # safetensors raises several types for corrupt files
             raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
         meta = json.loads(header["meta"]) if "meta" in header else {}
-        return state, meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line})") from None
+        return _strip_prefixes(state), meta
+    obj = _load_pickled(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
-    state = obj["state_dict"] if isinstance(obj.get("state_dict"), Mapping) else obj
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    meta = plain_data(obj["meta"]) if isinstance(obj.get("meta"), Mapping) else {}
+    if weights_key == "raw":
+        raw = obj.get("ema_state_dict")
+        if not isinstance(raw, Mapping):
+            raise CheckpointError(f"{path}: no raw weights (no `ema_state_dict`: not a training checkpoint saved "
+                                  "with an EMA hook); use --weights-key ema")
+        # mmengine's averaged model wraps the detector as `module`; `steps` is the EMA's update count.
+        state = {k: v for k, v in raw.items() if k.startswith("module.")}
+    else:
+        state = obj["state_dict"] if isinstance(obj.get("state_dict"), Mapping) else obj
+    state = _strip_prefixes({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
     if not state:
         raise CheckpointError(f"{path}: holds no tensors")
     return state, dict(meta)
@@ -79,19 +159,39 @@ def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor],
     if mismatched:
         problems.append(f"shape mismatch: {_describe(mismatched, 3)}")
     if problems:
-        hint = ""
         size = getattr(module, "size", None)
+        found = fitting_size(state)
+        if found and found != size:
+            raise CheckpointError(f"{source}: does not fit the model: it is an RTMDet-{found} checkpoint, not "
+                                  f"RTMDet-{size}; use --size {found}")
+        hint = ""
         if mismatched and size:
             hint = f" (is it really an RTMDet-{size} checkpoint with {getattr(module, 'num_classes', '?')} classes?)"
         raise CheckpointError(f"{source}: does not fit the model{hint}: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(module: nn.Module, path: str | os.PathLike) -> dict:
+def load_checkpoint(module: nn.Module, path: str | os.PathLike, weights_key: str = "ema") -> dict:
     """Load an official-format or bare checkpoint strictly into `module`; returns the file's meta."""
-    state, meta = read_checkpoint(path)
+    state, meta = read_checkpoint(path, weights_key)
     load_state_dict_strict(module, state, source=str(path))
     return meta
+
+
+def fitting_size(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The RTMDet size whose network has exactly `state`'s keys and shapes, else None."""
+    from model.config import SIZES
+    from model.nn.rtmdet import build_rtmdet
+
+    num_classes = infer_num_classes(state)
+    if num_classes is None:
+        return None
+    for size in SIZES:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            own = build_rtmdet(size, num_classes=num_classes).state_dict()
+        if own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own):
+            return size
+    return None
 
 
 def infer_num_classes(state: Mapping[str, torch.Tensor]) -> int | None:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from model.cli_support import add_weights_key_argument, device_name, fraction, positive_int
 from model.config import SIZES
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_tiny_shapes.pth"
@@ -18,36 +18,36 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_t
 def add_detect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("detect", help="detect objects in image files and print JSON")
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    p.add_argument("--size", default="tiny", choices=SIZES)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--score-thr", type=float, default=0.3)
-    p.add_argument("--img-size", type=int, default=None, help="letterbox size (default: the training size)")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="checkpoint file or zoo name (rtmdet-s, ...)")
+    p.add_argument("--size", default=None, choices=SIZES, help="default: the zoo name's size, else tiny")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--score-thr", type=fraction, default=0.3)
+    p.add_argument("--img-size", type=positive_int, default=None, help="letterbox size (default: the training size)")
     p.add_argument("--fp16", action="store_true", help="half precision (CUDA only)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--out", type=Path, help="directory for copies of the images with boxes drawn")
+    add_weights_key_argument(p)
     p.set_defaults(func=run_detect)
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from model.checkpoint import CheckpointError
+    from model.errors import UserError
     from model.inference.detector import Detector, load_image
     from model.render import draw_detections
+    from model.zoo import resolve_weights, zoo_size
 
     try:
-        detector = Detector.from_checkpoint(args.weights, size=args.size, device=args.device, fp16=args.fp16)
-    except (CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        weights = resolve_weights(args.weights, kind="detector", size=args.size)
+        size = args.size or zoo_size(args.weights) or "tiny"
+        detector = Detector.from_checkpoint(weights, size=size, device=args.device, fp16=args.fp16,
+                                            weights_key=args.weights_key or "ema")
+    except ValueError as exc:  # a checkpoint that does not fit, fp16 without CUDA, ...
+        raise UserError(str(exc)) from None
     detector.cfg = detector.with_config(score_thr=args.score_thr, input_size=args.img_size or detector.input_size)
     results = []
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]
-        try:
-            images = [load_image(p) for p in paths]
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        images = [load_image(p) for p in paths]
         for path, img, dets in zip(paths, images, detector(images)):
             results.append({"image": str(path), "width": img.shape[1], "height": img.shape[0],
                             "detections": dets.to_list()})

@@ -14,8 +14,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     from model.cli import DEFAULT_WEIGHTS
 
     p = sub.add_parser("export", help="export the network as ONNX or as a Triton model repository")
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    p.add_argument("--size", default="tiny", choices=SIZES)
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="checkpoint file or zoo name (rtmdet-s, ...)")
+    p.add_argument("--size", default=None, choices=SIZES, help="default: the zoo name's size, else tiny")
     p.add_argument("--format", default="onnx", choices=FORMATS,
                    help="onnx: one .onnx file; triton: a model repository folder (ONNX inside, dynamic batch)")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file, or the repository folder for triton")
@@ -48,11 +48,13 @@ def run_export(args: argparse.Namespace) -> int:
     from model.inference.detector import file_sha256
     from model.nn.rtmdet import build_rtmdet
     from model.triton_repo import TritonModelConfig, write_triton_repository
+    from model.zoo import resolve_weights, zoo_size
 
     try:
-        state, meta = read_checkpoint(args.weights)
+        weights = resolve_weights(args.weights, kind="detector", size=args.size)
+        state, meta = read_checkpoint(weights)
         num_classes = infer_num_classes(state) or 80
-        model = build_rtmdet(args.size, num_classes)
+        model = build_rtmdet(args.size or zoo_size(args.weights) or "tiny", num_classes)
         load_state_dict_strict(model, state, source=str(args.weights))
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -65,7 +67,7 @@ def run_export(args: argparse.Namespace) -> int:
         report = export_onnx(model, onnx_path, names, input_size=args.img_size,
                              layout="decoded" if args.decode else "heads", fp16=args.fp16,
                              dynamic_batch=args.dynamic_batch or triton, batch_size=args.batch_size,
-                             weights_sha256=file_sha256(args.weights), check=not args.no_check)
+                             weights_sha256=file_sha256(weights), check=not args.no_check)
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -65,10 +65,13 @@ class TorchBackend:
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> TorchBackend:
         from model.checkpoint import CheckpointError
+        from model.zoo import resolve_weights
 
         try:
-            detector = Detector.from_checkpoint(settings.weights, size=settings.size, device=settings.device,
-                                                classes=settings.class_names, fp16=settings.fp16)
+            weights = resolve_weights(settings.weights, kind="detector", size=settings.size)
+            detector = Detector.from_checkpoint(weights, size=settings.size, device=settings.device,
+                                                classes=settings.class_names, fp16=settings.fp16,
+                                                weights_key=settings.weights_key)
         except (CheckpointError, ValueError) as exc:
             raise BackendUnavailable(str(exc)) from None
         detector.cfg = detector.with_config(score_thr=settings.score_threshold,

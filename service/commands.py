@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from model.cli_support import add_weights_key_argument, fraction, positive_float, positive_int
 from model.config import SIZES
 
 
@@ -21,21 +22,26 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=Path)
     p.add_argument("--size", choices=SIZES)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    add_weights_key_argument(p)
     p.set_defaults(func=run_serve)
 
 
 def settings_from_args(args: argparse.Namespace):
     from pydantic import ValidationError
 
+    from model.errors import UserError
     from service.settings import ServiceSettings
 
     overrides = {k: v for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
-                                   "weights": args.weights, "size": args.size, "device": args.device}.items()
+                                   "weights": args.weights, "size": args.size, "device": args.device,
+                                   "weights_key": getattr(args, "weights_key", None)}.items()
                  if v is not None}
     try:
         return ServiceSettings(**overrides)
     except ValidationError as exc:
-        raise SystemExit(f"rtmdet serve: bad settings:\n{exc}") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (RTMDET_{str(e['loc'][0]).upper()} or its flag): "
+                             f"{e['msg']} (got {e.get('input')!r})" for e in exc.errors())
+        raise UserError(f"bad settings: {problems}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -45,47 +51,82 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def add_client(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("client", help="send an image to a running `rtmdet serve` and print the JSON")
-    p.add_argument("image", type=Path)
-    p.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
+    p = sub.add_parser("client", help="send images to a running `rtmdet serve`; one JSON line per image",
+                       description="Sends images (files, folders, globs) to a running `rtmdet serve`, --concurrency "
+                                   "at a time, and writes one JSON line per image, in input order: "
+                                   '{"file": ..., "detections": [...]} or {"file": ..., "error": ..., "status": ...}. '
+                                   "Exit code 1 if any image failed, 2 if the inputs are unusable.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or globs")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    p.add_argument("--grpc", action="store_true", help="same as --protocol grpc")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP base URL")
     p.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
     p.add_argument("--api-key", default=os.environ.get("RTMDET_API_KEY"))
-    p.add_argument("--score-threshold", type=float)
-    p.add_argument("--max-detections", type=int)
+    p.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight at once")
+    p.add_argument("--score-threshold", type=fraction)
+    p.add_argument("--max-detections", type=positive_int)
     p.add_argument("--classes", nargs="*")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    p.add_argument("--timeout", type=positive_float, default=60.0,
+                   help="deadline per image in seconds, retries included")
+    p.add_argument("--attempts", type=positive_int, default=5, help="tries per image when the server is overloaded")
+    p.add_argument("--out", type=Path, help="write the JSON lines here instead of stdout")
+    p.add_argument("--coco-results", type=Path, help="write a COCO results file (a JSON list of detections)")
+    p.add_argument("--coco-ann", type=Path, help="COCO annotations whose file_name/id and categories give "
+                                                 "image_id and category_id (default: running index, label + 1)")
     p.set_defaults(func=run_client)
 
 
 def run_client(args: argparse.Namespace) -> int:
-    params = dict(score_threshold=args.score_threshold, max_detections=args.max_detections, classes=args.classes)
+    from tqdm import tqdm
+
+    from service.client import DetectorError, GrpcDetectorClient, HttpDetectorClient, RetryPolicy
+    from service.client_cli import CocoIds, InputError, expand_inputs, summary
+
     try:
-        if args.grpc:
-            import grpc
-
-            from service.client import GrpcDetectorClient
-            try:
-                with GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout) as c:
-                    result = c.detect(args.image, **params)
-            except grpc.RpcError as exc:
-                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-                return 1
-        else:
-            import httpx
-
-            from service.client import HttpDetectorClient
-            try:
-                with HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout) as c:
-                    result = c.detect(args.image, **params)
-            except httpx.HTTPStatusError as exc:
-                print(f"error: HTTP {exc.response.status_code}: {exc.response.text}", file=sys.stderr)
-                return 1
-            except httpx.HTTPError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        files = expand_inputs(args.inputs)
+        coco = None
+        if args.coco_results:
+            coco = CocoIds.from_annotations(args.coco_ann, files) if args.coco_ann else CocoIds.numbered(files)
+    except InputError as exc:
+        print(f"rtmdet client: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
-    return 0
+    retry = RetryPolicy(max_attempts=args.attempts)
+    if args.grpc or args.protocol == "grpc":
+        client = GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout, retry=retry)
+    else:
+        client = HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout, retry=retry)
+    params = dict(score_threshold=args.score_threshold, max_detections=args.max_detections, classes=args.classes)
+    # JSON lines go to --out, else stdout unless the COCO file is the output asked for.
+    lines = open(args.out, "w") if args.out else (None if coco else sys.stdout)  # noqa: SIM115 (closed below)
+    failed, first_failure, coco_entries = 0, None, []
+    try:
+        with client:
+            if coco is not None and coco.category_ids is not None:
+                coco.check_classes(client.model()["classes"])
+            with tqdm(total=len(files), file=sys.stderr, unit="img", disable=None) as bar:
+                for result in client.detect_many([(str(f), f) for f in files], concurrency=args.concurrency,
+                                                 **params):
+                    if lines is not None:
+                        print(json.dumps(result.to_json()), file=lines, flush=True)
+                    if result.ok:
+                        if coco is not None:
+                            coco_entries += coco.results(result, files[result.index])
+                    else:
+                        failed += 1
+                        first_failure = first_failure or result
+                        if lines is not sys.stdout:
+                            bar.write(f"error: {result.name}: {result.error}", file=sys.stderr)
+                    bar.update()
+    except InputError as exc:
+        print(f"rtmdet client: error: {exc}", file=sys.stderr)
+        return 2
+    except DetectorError as exc:  # only the model-info call above; per-image errors are results
+        print(f"rtmdet client: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.out and lines is not None:
+            lines.close()
+    if coco is not None:
+        args.coco_results.write_text(json.dumps(coco_entries))
+    print(summary(len(files), failed, first_failure), file=sys.stderr)
+    return 1 if failed else 0

@@ -19,6 +19,7 @@ from service.imaging import ImageError, ImageTooLarge, NotAnImage, check_content
 from service.metrics import CONTENT_TYPE
 from service.pipeline import DetectionService, DetectOutcome, InvalidRequest
 from service.schemas import DetectResponse, ErrorResponse, ModelInfo, ModelSummary, Status, detections_from, timing_from
+from service.web_ui import web_ui_router
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the image's own bytes
 DETECT_ENDPOINTS = ("/detect", "/detect/render")
@@ -151,6 +152,7 @@ def create_app(service: DetectionService, manage_lifecycle: bool = True) -> Fast
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(MetricsMiddleware, service=service)
     install_error_handlers(app)
+    app.include_router(web_ui_router(settings))
     api_key = settings.api_key_value()
 
     async def require_api_key(request: Request) -> None:

@@ -64,6 +64,7 @@ class DetectionService:
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="rtmdet-decode")
         self.draining = False
         self.start_error: str | None = None
+        self.log_start_error = True  # `rtmdet serve` turns this off: it reports the failure itself, in one line
         self._info: dict = {}
         self._class_index: dict[str, int] = {}
         self._start_task: asyncio.Task | None = None
@@ -105,7 +106,8 @@ class DetectionService:
             await asyncio.to_thread(self.load)
         except Exception as exc:
             self.start_error = f"{type(exc).__name__}: {exc}"
-            log.error("model failed to load: %s", self.start_error)
+            if self.log_start_error:
+                log.error("model failed to load: %s", self.start_error)
             raise
 
     def can_serve(self) -> bool:

@@ -46,6 +46,7 @@ async def follow_readiness(service: DetectionService, health, period_s: float = 
 
 async def serve(settings: ServiceSettings) -> int:
     service = DetectionService(settings)
+    service.log_start_error = False  # reported below as the one `rtmdet serve: error:` line
     app = create_app(service, manage_lifecycle=False)
     grpc_server, health, grpc_port = create_grpc_server(service, f"{settings.host}:{settings.grpc_port}")
     await set_serving(health, False)
@@ -63,7 +64,8 @@ async def serve(settings: ServiceSettings) -> int:
     http_task = asyncio.create_task(http.serve())
     load_task = service.start()
     stop_task = asyncio.create_task(stop.wait())
-    print(f"rtmdet serve: http://{settings.host}:{settings.http_port} grpc {settings.host}:{grpc_port} "
+    page = f" (open http://{settings.host}:{settings.http_port}/ in a browser)" if settings.web_ui else ""
+    print(f"rtmdet serve: http://{settings.host}:{settings.http_port}{page} grpc {settings.host}:{grpc_port} "
           f"(loading {settings.weights})", flush=True)
 
     exit_code = 0

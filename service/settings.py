@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config import SIZES
@@ -24,8 +25,9 @@ class ServiceSettings(BaseSettings):
 
     # The model.
     backend: str = "torch"
-    weights: Path = DEFAULT_WEIGHTS
-    size: str = "tiny"
+    weights: Path = DEFAULT_WEIGHTS  # a checkpoint file, or a zoo name (rtmdet-tiny ... rtmdet-x)
+    weights_key: Literal["ema", "raw"] = "ema"  # which weights of a training checkpoint (model.checkpoint)
+    size: str = "tiny"  # unset with a zoo name: that name's size
     device: str = "auto"
     fp16: bool = False
     # None: the checkpoint's training size (meta `img_size`), else 640.
@@ -60,6 +62,7 @@ class ServiceSettings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     api_key: SecretStr | None = None
     cors_origins: list[str] = Field(default_factory=list)  # empty: CORS off
+    web_ui: bool = True  # GET / serves the page to try the detector in a browser (service/web_ui.py)
 
     # Tests only: make the model step fail on purpose (see service/faults.py). Never set in production.
     fault_injection: FaultInjection | None = None
@@ -70,6 +73,14 @@ class ServiceSettings(BaseSettings):
         if v not in SIZES:
             raise ValueError(f"unknown size {v!r}; choose one of {', '.join(SIZES)}")
         return v
+
+    @model_validator(mode="after")
+    def _size_of_zoo_name(self) -> ServiceSettings:
+        from model.zoo import zoo_size
+
+        if "size" not in self.model_fields_set and zoo_size(self.weights):
+            self.size = zoo_size(self.weights)
+        return self
 
     @field_validator("backend")
     @classmethod

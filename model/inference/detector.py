@@ -13,6 +13,7 @@ import torch
 from model.checkpoint import class_names_from_meta, infer_num_classes, load_state_dict_strict, read_checkpoint
 from model.classes import COCO_CLASSES
 from model.config import PAD_VALUE, TestConfig
+from model.errors import ImageError
 from model.inference.accelerate import build_runner, resolve_mode
 from model.inference.device_preprocess import preprocess_jpegs
 from model.inference.postprocess import postprocess
@@ -122,11 +123,12 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, size: str = "tiny", device: str | torch.device | None = None,
-                        classes: Sequence[str] | None = None, **kwargs) -> Detector:
-        """Build the network for `size`, load `path` strictly; class names from the argument, else
-        the checkpoint's meta, else COCO's (the number of classes follows the checkpoint). Without a
-        `test_cfg`, serving thresholds at the checkpoint's training size (meta `img_size`, else 640)."""
-        state, meta = read_checkpoint(path)
+                        classes: Sequence[str] | None = None, weights_key: str = "ema", **kwargs) -> Detector:
+        """Build the network for `size`, load `path` strictly (`weights_key`: see `model.checkpoint`); class
+        names from the argument, else the checkpoint's meta, else COCO's (the number of classes follows the
+        checkpoint). Without a `test_cfg`, serving thresholds at the checkpoint's training size (meta
+        `img_size`, else 640)."""
+        state, meta = read_checkpoint(path, weights_key)
         num_classes = infer_num_classes(state) or 80
         model = build_rtmdet(size, num_classes=num_classes)
         load_state_dict_strict(model, state, source=str(path))
@@ -202,8 +204,16 @@ class Detector:
 
 
 def load_image(path: str | Path) -> np.ndarray:
+    """BGR uint8 image from a file. The bytes are read here and decoded from memory, so a missing file is our
+    one-line error rather than OpenCV's `[ WARN ]` line on stderr."""
     import cv2
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: image file not found") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read the image file ({exc.strerror or exc})") from None
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if img is None:
-        raise ValueError(f"{path}: not a readable image")
+        raise ImageError(f"{path}: not a readable image")
     return img

@@ -23,13 +23,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model import zoo as model_zoo
 from model.checkpoint import load_state_dict_strict, make_meta, read_checkpoint, save_checkpoint, standard_layout
 from model.data.coco import CocoDetection
-from model.data.loader import build_train_loader
+from model.data.formats import open_split
+from model.data.loader import DEFAULT_LOADER_TIMEOUT_S, DataLoaderStalled, batches, build_train_loader
 from model.inference.preprocess import Normalizer
 from model.nn.rtmdet import build_rtmdet
 from model.train.ema import ExpMomentumEMA
-from model.train.evaluate import evaluate_model, find_split
+from model.train.evaluate import evaluate_model
 from model.train.schedule import LrSchedule, OptimConfig, build_optimizer
 
 TRAIN_LOG = "train_log.csv"
@@ -55,9 +57,13 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network (inductor fuses BatchNorm + SiLU, forward and backward)
     resume: bool = False
     load_from: str | None = None  # start from these weights (fine-tuning); schedule, optimizer and epoch start fresh
+    load_from_key: str = "ema"  # which weights of a training checkpoint `load_from` takes (model.checkpoint)
+    backbone_weights: str | None = None  # ImageNet-pretrained CSPNeXt (file or zoo name) for the backbone only
+    data_format: str = "auto"  # coco, yolo, voc, or auto (from the layout)
     warmup_iters: int = 1000
     base_lr: float = 0.004  # for a total batch of 256; scaled linearly with the real total batch
     log_interval: int = 10
+    loader_timeout_s: float = DEFAULT_LOADER_TIMEOUT_S  # a batch later than this from a worker ends the run
     save_interval: int = 1  # epochs between last.pth writes (always after the last epoch)
     threads: int = 0  # torch CPU threads per process; 0 keeps torch's default
     val_batch_size: int = 8
@@ -140,6 +146,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         if cfg.epochs < 1 or cfg.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if cfg.load_from and cfg.backbone_weights:
+            raise ValueError("--load-from sets every weight, --backbone-weights only the backbone's: give one")
         self.cfg = cfg
         if cfg.threads > 0:
             # On a busy CPU, OpenMP threads that wait for each other cost far more than they bring.
@@ -150,11 +158,9 @@ class Trainer:
         if self.dist.main:
             self.out.mkdir(parents=True, exist_ok=True)
 
-        ann, img_dir = find_split(cfg.data, "train")
-        self.train_set = CocoDetection(ann, img_dir, filter_empty=True)
+        self.train_set = open_split(cfg.data, "train", cfg.data_format, training=True)
         try:
-            val_ann, val_dir = find_split(cfg.data, "val")
-            self.val_set: CocoDetection | None = CocoDetection(val_ann, val_dir, filter_empty=False)
+            self.val_set: CocoDetection | None = open_split(cfg.data, "val", cfg.data_format)
         except FileNotFoundError:
             self.val_set = None
         self.class_names = self.train_set.class_names
@@ -193,6 +199,8 @@ class Trainer:
             self._resume()
         elif cfg.load_from:
             self._load_weights(cfg.load_from)
+        elif cfg.backbone_weights:
+            self._load_backbone(cfg.backbone_weights)
         self.stage1_epochs = max(0, cfg.epochs - cfg.stage2_epochs)
 
     # ----------------------------------------------------------------------------------------- data
@@ -204,7 +212,8 @@ class Trainer:
         if self.loader is None or stage != self.loader_stage:
             self.loader = None  # drop the old loader (and its worker processes) before starting new ones
             self.loader = build_train_loader(self.train_set, self.cfg.size, self.cfg.img_size, self.cfg.batch_size,
-                                             self.cfg.workers, stage, self.dist.world > 1, self.cfg.seed)
+                                             self.cfg.workers, stage, self.dist.world > 1, self.cfg.seed,
+                                             timeout_s=self.cfg.loader_timeout_s)
             self.loader_stage = stage
         # Every epoch's shuffle (and, without workers, its augmentation stream) is a function of
         # (seed, epoch), so a resumed run draws the same batches as an uninterrupted one.
@@ -287,6 +296,13 @@ class Trainer:
                     if self.dist.main and self.epoch % max(cfg.save_interval, 1) != 0:
                         self.save(self.out / "last.pth")
                     break
+        except DataLoaderStalled as e:
+            # The run cannot go on; say so with what the user needs to continue it. Nothing of this epoch was
+            # written, so the last checkpoint is the one a resumed run starts from.
+            last = self.out / "last.pth"
+            where = f"{last} (epoch {self.epoch}), continue with --resume" if last.is_file() else \
+                "no checkpoint written yet"
+            raise DataLoaderStalled(f"{e} at epoch {self.epoch + 1}; last checkpoint: {where}") from e
         finally:
             if writer is not None:
                 writer.close()
@@ -306,7 +322,7 @@ class Trainer:
                        dynamic_ncols=True, leave=True)
         window: list[dict] = []
         t_last = time.perf_counter()
-        for imgs, boxes, labels in loader:
+        for imgs, boxes, labels in batches(loader, self.stage_of(epoch)):
             window.append(self.train_step(imgs, boxes, labels, schedule) | {"n": imgs.shape[0] * self.dist.world})
             if bar is not None:
                 bar.update(1)
@@ -354,13 +370,23 @@ class Trainer:
         save_checkpoint(path, self.ema.module.state_dict(), self.meta(), **extra)
 
     def _load_weights(self, path: str) -> None:
-        state, _ = read_checkpoint(path)
+        path = str(model_zoo.resolve_weights(path, kind="detector", size=self.cfg.size, progress=self.dist.main))
+        state, _ = read_checkpoint(path, self.cfg.load_from_key)
         fresh = _init_from(self.model, state, source=path)
         self.ema.module.load_state_dict(self.model.state_dict())
         if self.dist.main:
             note = f" ({len(fresh)} classification tensors re-initialised for {self.model.num_classes} classes)" \
                 if fresh else ""
             print(f"initialised from {path}{note}", flush=True)
+
+    def _load_backbone(self, spec: str) -> None:
+        from model.backbone_weights import load_backbone_weights
+
+        path = model_zoo.resolve_weights(spec, size=self.cfg.size, progress=self.dist.main)
+        report = load_backbone_weights(self.model, path)
+        self.ema.module.load_state_dict(self.model.state_dict())
+        if self.dist.main:
+            print(report.describe(), flush=True)
 
     def _resume(self) -> None:
         path = self.out / "last.pth"

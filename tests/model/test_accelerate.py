@@ -98,18 +98,21 @@ def test_detector_torchscript_path_gives_the_eager_detections():
     fast = Detector(model, ["a", "b", "c"], device="cpu", accelerate="onednn", test_cfg=cfg)
     assert fast.describe()["accelerate"] == "torchscript"
     fast.warmup([2])
-    assert_same_detections(eager(imgs), fast(imgs))
+    for e, f in zip(eager(imgs), fast(imgs), strict=True):
+        assert len(e) > 0 and len(e) == len(f)
+        assert_same_detections_any_order(e, f, atol_score=1e-5, atol_box=1e-2)
 
 
-def assert_same_detections(want, got):
-    """Same detections to float rounding, matched by label and box: detections whose scores are equal to
-    1e-6 (one prior, or two priors with the same box) may come out in either order."""
-    for e, a in zip(want, got, strict=True):
-        assert len(e) > 0 and len(e) == len(a)
-        for box, score, label in zip(e.boxes, e.scores, e.labels):
-            dist = np.where(a.labels == label, np.abs(a.boxes - box).max(axis=1), np.inf)
-            i = int(np.argmin(dist))
-            assert dist[i] < 1e-2 and abs(a.scores[i] - score) < 1e-5
+def assert_same_detections_any_order(a, b, atol_score: float, atol_box: float) -> None:
+    """Every detection of `a` has its own twin in `b` (same label, score and box within tolerance). Order is not
+    compared: two detections whose scores agree to 1e-6 swap places when the fused kernels round differently
+    (seen on an AMD EPYC host, not on the Intel ones), and that is the same answer."""
+    free = list(range(len(b)))
+    for i in range(len(a)):
+        twin = next((j for j in free if b.labels[j] == a.labels[i] and abs(b.scores[j] - a.scores[i]) <= atol_score
+                     and np.abs(b.boxes[j] - a.boxes[i]).max() <= atol_box), None)
+        assert twin is not None, f"no twin for detection {i}: {a.labels[i]} {a.scores[i]} {a.boxes[i]}"
+        free.remove(twin)
 
 
 def test_device_letterbox_matches_the_cv2_letterbox():

@@ -57,8 +57,13 @@ def test_save_then_load_round_trip_pth_and_safetensors(tmp_path, tiny):
 def test_wrong_size_is_a_clear_error(tmp_path, tiny):
     path = tmp_path / "tiny.pth"
     save_checkpoint(path, tiny.state_dict())
-    with pytest.raises(CheckpointError, match=r"tiny.pth: does not fit the model \(is it really an RTMDet-s"):
+    with pytest.raises(CheckpointError, match=r"tiny.pth: does not fit the model: it is an RTMDet-tiny checkpoint, "
+                                              r"not RTMDet-s; use --size tiny$"):
         load_checkpoint(build_rtmdet("s"), path)
+    # Same size, another class count: the shapes that differ are named.
+    with pytest.raises(CheckpointError, match=r"tiny.pth: does not fit the model \(is it really an RTMDet-tiny "
+                                              r"checkpoint with 3 classes\?\): shape mismatch: bbox_head.rtm_cls"):
+        load_checkpoint(build_rtmdet("tiny", num_classes=3), path)
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path, tiny):

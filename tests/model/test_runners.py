@@ -13,7 +13,7 @@ from model.inference.preprocess import Normalizer
 from model.inference.runner_choice import PEAK_TOLERANCE, peak_relative_error, pick_fastest
 from model.nn.rtmdet import fused_for_inference
 from model.testing import fill_deterministic
-from tests.model.test_accelerate import PHOTOS, assert_same_detections, confident_model
+from tests.model.test_accelerate import PHOTOS, assert_same_detections_any_order, confident_model
 
 SIZE = 96
 
@@ -125,4 +125,6 @@ def test_detector_auto_picks_a_measured_runner_and_keeps_the_eager_detections():
     assert all(m.median_ms > 0 and m.peak_rel_error <= PEAK_TOLERANCE for m in choice.measurements)
     fastest = min(choice.measurements, key=lambda m: m.median_ms)
     assert auto.describe()["accelerate"] == choice.chosen == fastest.name
-    assert_same_detections(eager(imgs), auto(imgs))
+    for e, a in zip(eager(imgs), auto(imgs), strict=True):
+        assert len(e) > 0 and len(e) == len(a)
+        assert_same_detections_any_order(e, a, atol_score=1e-5, atol_box=1e-2)

@@ -112,6 +112,12 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
 
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
 
 def bgr(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb[..., ::-1])

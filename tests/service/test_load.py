@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from svc_helpers import API_KEY, INPUT_SIZE, ServerProcess, jpeg
 
 from model import Detector, TestConfig
-from service.client import GrpcDetectorClient
+from service.client import NO_RETRY, GrpcDetectorClient
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -102,7 +102,9 @@ def tight_server(checkpoint, tmp_path_factory):
 def test_queue_full_is_refused_at_once(tight_server, photos):
     data = jpeg(photos["coffee"])
     before = samples(tight_server.http)
-    with GrpcDetectorClient(tight_server.grpc, api_key=API_KEY, timeout=120) as gc, ThreadPoolExecutor(24) as pool:
+    # No client retries: the refusals themselves are counted.
+    with GrpcDetectorClient(tight_server.grpc, api_key=API_KEY, timeout=120, retry=NO_RETRY) as gc, \
+            ThreadPoolExecutor(24) as pool:
         http_futs = [pool.submit(http_detect, tight_server.http, data) for _ in range(16)]
 
         def grpc_call():

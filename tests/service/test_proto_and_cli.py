@@ -5,8 +5,10 @@ import argparse
 import subprocess
 import sys
 
+import pytest
 from svc_helpers import REPO
 
+from model.errors import UserError
 from service.cli import build_parser
 from service.commands import settings_from_args
 from service.proto_build import GENERATED, OUT_DIR, generate
@@ -34,12 +36,9 @@ def test_flags_override_environment(monkeypatch, tmp_path):
 def test_bad_environment_is_reported(monkeypatch):
     monkeypatch.setenv("RTMDET_MAX_BATCH_SIZE", "zero")
     args = argparse.Namespace(host=None, http_port=None, grpc_port=None, weights=None, size=None, device=None)
-    try:
+    with pytest.raises(UserError, match="max_batch_size") as err:
         settings_from_args(args)
-    except SystemExit as exc:
-        assert "max_batch_size" in str(exc)
-    else:
-        raise AssertionError("bad settings were accepted")
+    assert "\n" not in str(err.value)  # the program prints it as one line
 
 
 def test_serve_with_missing_weights_exits_with_a_clear_error(tmp_path):
