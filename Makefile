@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: proto install triton-env test test-all lint fmt serve detect bench clean fuzz soak
+.PHONY: proto install triton-env test test-all lint fmt serve detect bench gpu-check clean fuzz soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +45,15 @@ serve: install
 detect: install
 	$(VENV)/bin/rtmdet detect examples/shapes.jpg
 
+# CPU inference: this project's runners beside ONNX Runtime, OpenVINO and MMDetection (one table), then
+# training steps beside MMDetection's.
 bench: install
-	$(PY) bench/bench_vs_mmdet.py
+	$(PY) bench/bench_runners.py
+	$(PY) bench/bench_vs_mmdet.py --no-infer
+
+# Every CUDA path checked against its CPU/eager twin, timed, served; exits 2 without CUDA.
+gpu-check: install
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

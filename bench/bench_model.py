@@ -47,6 +47,17 @@ def timed(fn, seconds: float, min_runs: int = 5, sync=lambda: None) -> float:
     return statistics.median(times)
 
 
+def machine_line() -> str:
+    """When and where: UTC time, CPU model, logical CPUs, torch, OpenMP's wait policy."""
+    import os
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
+    return (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu}, {os.cpu_count()} logical CPUs; "
+            f"torch {torch.__version__}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+
+
 def photos(n: int) -> list[np.ndarray]:
     import cv2
     base = [cv2.imread(str(ROOT / "examples" / f)) for f in ("astronaut.jpg", "coffee.jpg")]

@@ -38,7 +38,7 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-from bench_model import photos, timed  # noqa: E402
+from bench_model import machine_line, photos, timed  # noqa: E402
 
 from model import Detector, TestConfig, build_rtmdet  # noqa: E402
 from model.testing import fill_deterministic  # noqa: E402
@@ -223,11 +223,7 @@ def main() -> int:
                         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                                           for k, v in rows[-1].items()}), flush=True)
     print_table(rows)
-    cpu_lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((ln.split(":", 1)[1].strip() for ln in cpu_lines if ln.startswith("model name")), "?")
-    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu}, {os.cpu_count()} logical CPUs; "
-          f"torch {torch.__version__} (MMDetection's venv: torch 2.13.0); "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; inference path: "
+    print(f"\n{machine_line()} (MMDetection's venv: torch 2.13.0); inference path: "
           f"{rows[0].get('accelerate', 'n/a') if rows else 'n/a'}, channels_last, BatchNorm folded")
     return 0
 

@@ -16,7 +16,9 @@ A Triton model repository around the file: `model.triton_repo`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -33,12 +35,17 @@ from model.nn.rtmdet import RTMDet, fused_for_inference
 
 INPUT_NAME = "images"
 LAYOUTS = ("heads", "decoded")
-OPSET = 17
+# The dynamo-based exporter writes opset 18 and up (ONNX Runtime >= 1.14, OpenVINO, Triton's ORT backend).
+OPSET = 18
 
-# Parity tolerance |onnx - torch| <= atol + rtol * |torch|, against the float32 PyTorch network.
-# float32: both runtimes do the same maths in a different order (measured max abs diff ~1e-5 on logits).
-# float16: the half-precision graph against the float32 reference; half has an 11-bit mantissa.
-TOLERANCES = {False: (1e-3, 1e-3), True: (5e-2, 2e-2)}  # fp16 -> (atol, rtol)
+# Parity: per output, max |onnx - torch| / max |torch| (the error relative to the output's peak, as the
+# MMDetection parity tests measure it), against the float32 PyTorch network. Element-wise relative error
+# says nothing near zero crossings, and an absolute bound refuses correct exports of weights whose
+# activations are large: the rounding of a sum scales with its terms, not with its (maybe cancelled) result.
+# float32: both runtimes do the same maths in a different order (measured here: <= 3e-6 of the peak).
+# float16: the half-precision graph against the float32 reference; half has an 11-bit mantissa and the
+# error builds up over ~60 layers (measured: 2e-4 to 7e-4 of the peak on seeded tiny weights).
+PEAK_TOLERANCE = {False: 1e-4, True: 1e-2}  # fp16 -> max |diff| / peak
 
 
 def head_output_names(strides: Sequence[int]) -> list[str]:
@@ -93,11 +100,21 @@ class ExportReport:
     fp16: bool
     dynamic_batch: bool
     input_size: int
-    atol: float
-    rtol: float
+    tolerance: float  # on max |diff| / max |reference|, per output
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     max_ref_abs: dict[str, float] = field(default_factory=dict)
+    peak_rel_diff: dict[str, float] = field(default_factory=dict)
     passed: bool = False
+
+    def summary(self) -> str:
+        """One line: the worst output's error relative to its peak, against the bound."""
+        if not self.peak_rel_diff:
+            return f"{self.path}: not checked"
+        name = max(self.peak_rel_diff, key=self.peak_rel_diff.get)
+        verdict = "passed" if self.passed else "FAILED"
+        return (f"{self.path}: parity {verdict}: worst output {name} differs from PyTorch by "
+                f"{self.max_abs_diff[name]:.3g} at peak {self.max_ref_abs[name]:.3g} = "
+                f"{self.peak_rel_diff[name]:.2e} of its peak (bound {self.tolerance:.0e})")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -135,27 +152,39 @@ def export_onnx(model: RTMDet, out: str | os.PathLike, class_names: Sequence[str
     exported = ExportableRTMDet(net.half() if fp16 else net.float(), strides, layout, half=fp16).eval()
 
     example = example_batch(2 if dynamic_batch else batch_size, input_size, seed)
-    names = output_names(layout, strides)
-    dynamic_axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]} if dynamic_batch else None
     tmp = out.with_name(out.name + ".tmp")
-    with warnings.catch_warnings():
-        # The TorchScript-based exporter warns that it is legacy; it needs no onnxscript and handles this net.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(exported, (example,), str(tmp), dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=names, dynamic_axes=dynamic_axes)
+    write_onnx(exported, example, tmp, output_names(layout, strides), dynamic_batch)
     _attach_metadata(tmp, model_metadata(model, class_names, input_size, layout, fp16, weights_sha256))
     os.replace(tmp, out)
 
-    atol, rtol = TOLERANCES[fp16]
-    report = ExportReport(str(out), layout, fp16, dynamic_batch, input_size, atol, rtol)
+    report = ExportReport(str(out), layout, fp16, dynamic_batch, input_size, PEAK_TOLERANCE[fp16])
     if check:
         # A batch size other than the one traced proves the batch axis really is dynamic.
         check_batch = example_batch(3 if dynamic_batch else batch_size, input_size, seed + 1)
         compare_with_torch(out, reference, check_batch, report)
         if not report.passed:
-            raise RuntimeError(f"{out}: onnxruntime disagrees with PyTorch beyond atol={atol}, rtol={rtol}: "
-                               f"{report.max_abs_diff}")
+            raise RuntimeError(f"onnxruntime disagrees with PyTorch: {report.summary()}")
     return report
+
+
+def write_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLike, names: Sequence[str],
+               dynamic_batch: bool) -> None:
+    """Export `module` (uint8 images in) to `path` with the dynamo-based exporter (torch.export +
+    onnxscript): the TorchScript-based one (dynamo=False) is deprecated with TorchScript. It gives the same
+    graph outputs as the TorchScript export: both within 3e-6 of the peak of PyTorch's in fp32 (measured on
+    seeded tiny weights, heads and decoded layouts). A dynamic batch costs the exporter more (~10 s for
+    tiny here, against ~2 s for a fixed one): it traces with a symbolic batch size."""
+    dynamic_axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]} if dynamic_batch else None
+    # onnxscript's optimiser logs every rewrite at INFO: keep a server's INFO log for the server.
+    quiet = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(max(q.level, logging.WARNING))
+    with warnings.catch_warnings(), contextlib.ExitStack() as restore:
+        restore.callback(lambda: [q.setLevel(lv) for q, lv in zip(quiet, levels)])
+        warnings.simplefilter("ignore")  # torch.export's notes on the Python loops over levels: shapes only
+        torch.onnx.export(module, (example,), str(path), dynamo=True, opset_version=OPSET, verbose=False,
+                          input_names=[INPUT_NAME], output_names=list(names), dynamic_axes=dynamic_axes)
 
 
 def example_batch(batch: int, size: int, seed: int) -> torch.Tensor:
@@ -187,12 +216,18 @@ def compare_with_torch(path: str | os.PathLike, reference: nn.Module, batch: tor
     for out, g, w in zip(session.get_outputs(), got, want, strict=True):
         if g.shape != w.shape:
             raise RuntimeError(f"{path}: output {out.name} has shape {g.shape}, PyTorch gives {w.shape}")
-        diff = np.abs(g.astype(np.float64) - w)
-        report.max_abs_diff[out.name] = float(diff.max())
-        report.max_ref_abs[out.name] = float(np.abs(w).max())
-        passed &= bool((diff <= report.atol + report.rtol * np.abs(w)).all())
+        report.max_abs_diff[out.name] = diff = float(np.abs(g.astype(np.float64) - w).max())
+        report.max_ref_abs[out.name] = peak = float(np.abs(w).max())
+        report.peak_rel_diff[out.name] = rel = peak_relative(diff, peak)
+        passed &= rel <= report.tolerance
     report.passed = passed
     return report
+
+
+def peak_relative(max_abs_diff: float, peak: float) -> float:
+    """`max_abs_diff` as a fraction of the reference's peak; an all-zero reference must be matched exactly
+    (to float32's smallest normal)."""
+    return max_abs_diff / max(peak, float(np.finfo(np.float32).tiny))
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -78,5 +78,6 @@ def run_export(args: argparse.Namespace) -> int:
         model_dir = write_triton_repository(onnx_path, args.out, cfg)
         print(f"wrote Triton model repository {args.out} (model {model_dir.name}, backend {cfg.backend})",
               file=sys.stderr)
+    print(report.summary(), file=sys.stderr)
     print(report.to_json())
     return 0

@@ -14,10 +14,12 @@ from model.checkpoint import class_names_from_meta, infer_num_classes, load_stat
 from model.classes import COCO_CLASSES
 from model.config import PAD_VALUE, TestConfig
 from model.errors import ImageError
-from model.inference.accelerate import CudaGraphRunner, build_runner, resolve_mode
+from model.inference.accelerate import build_runner, resolve_mode
 from model.inference.device_preprocess import preprocess_jpegs
 from model.inference.postprocess import postprocess
 from model.inference.preprocess import LetterboxInfo, Normalizer, letterbox, stack_letterboxed
+from model.inference.runner_choice import CANDIDATES as AUTO_CANDIDATES
+from model.inference.runner_choice import AutoChoice, choose_runner
 from model.nn.rtmdet import RTMDet, build_rtmdet, fused_for_inference
 
 
@@ -59,12 +61,19 @@ class Detector:
     `detector(images)` takes BGR uint8 H x W x 3 arrays (as cv2.imread gives them) and returns one
     `Detections` per image. The batch is whatever list it is given: callers (the service's batcher)
     decide batch sizes.
+
+    `accelerate` picks the runner (model.inference.accelerate): None is the device's default (`eager` on
+    the CPU, `cudagraph` on CUDA); `auto` measures the CPU runners on the first batch and keeps the fastest
+    that matches eager (its measurements in `auto_choice`; `auto_candidates` limits the field, e.g. without
+    `inductor` to save its compile); or one of `inductor`, `onnxruntime`,
+    `openvino`, `torchscript` (deprecated TorchScript, opt-in).
     """
 
     def __init__(self, model: RTMDet, class_names: Sequence[str] | None = None,
                  device: str | torch.device | None = None, fp16: bool = False,
                  test_cfg: TestConfig | None = None, fuse: bool = True, channels_last: bool | None = None,
-                 weights_sha256: str | None = None, accelerate: str = "auto") -> None:
+                 weights_sha256: str | None = None, accelerate: str | None = None,
+                 auto_candidates: Sequence[str] = AUTO_CANDIDATES) -> None:
         self.device = resolve_device(device)
         self.size = model.size
         self.num_classes = model.num_classes
@@ -88,17 +97,29 @@ class Detector:
             net = net.to(memory_format=torch.channels_last)
         self.network = net.eval()
         self.normalize = Normalizer(self.device, self.dtype, self.channels_last)
+        self.auto_candidates = tuple(auto_candidates)
+        self.auto_choice: AutoChoice | None = None
         self._runner = None  # built on the first forward, when the input shape is known
+
+    def _build_runner(self, example_uint8: torch.Tensor | None):
+        if self.accelerate == "auto":
+            runner, self.auto_choice = choose_runner(self.network, self.normalize, example_uint8, self.strides,
+                                                     candidates=self.auto_candidates)
+            self.accelerate = self.auto_choice.chosen
+            return runner
+        return build_runner(self.accelerate, self.network, self.normalize, example_uint8, self.strides)
+
+    def set_runner(self, runner, name: str) -> None:
+        """Run the network with `runner` (uint8 batch -> raw head outputs, model.inference.accelerate), e.g.
+        one built elsewhere and shared; `name` is what `describe()` reports."""
+        self._runner, self.accelerate = runner, name
 
     def _run(self, batch_uint8: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self.accelerate == "cudagraph":
-            if self._runner is None:
-                self._runner = CudaGraphRunner(lambda u8: self.network(self.normalize(u8)))
-            return self._runner(batch_uint8.to(self.device, non_blocking=True))
-        x = self.normalize(batch_uint8)
+            batch_uint8 = batch_uint8.to(self.device, non_blocking=True)
         if self._runner is None:
-            self._runner = build_runner(self.network, self.accelerate, self.device, x)
-        return self._runner(x)
+            self._runner = self._build_runner(batch_uint8)
+        return self._runner(batch_uint8)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, size: str = "tiny", device: str | torch.device | None = None,
@@ -163,15 +184,16 @@ class Detector:
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run each batch size so lazy allocations, kernel choices, TorchScript's shape profiling (two calls)
-        and CUDA graph captures are paid before real traffic. On CUDA the sizes become the graph buckets."""
+        and CUDA graph captures are paid before real traffic. On CUDA the sizes become the graph buckets.
+        With `auto`, the first size is the one the runners are measured at."""
         if self.accelerate == "cudagraph":
             if self._runner is None:
-                self._runner = CudaGraphRunner(lambda u8: self.network(self.normalize(u8)))
+                self._runner = self._build_runner(None)
             self._runner.buckets = sorted(set(batch_sizes))
-        repeats = 2 if self.accelerate == "onednn" else 1
         for b in batch_sizes:
             img = np.full((self.input_size, self.input_size, 3), PAD_VALUE, dtype=np.uint8)
-            for _ in range(repeats):
+            self([img] * b)
+            for _ in range(getattr(self._runner, "warmup_calls", 1) - 1):
                 self([img] * b)
 
     def describe(self) -> dict:

@@ -1,5 +1,6 @@
-"""The fast inference paths give the eager network's results: oneDNN TorchScript runner, batch buckets
-(the CUDA-graph padding, checked with the eager network), and JPEG decode + letterbox on the device."""
+"""The fast inference paths give the eager network's results: the (opt-in) oneDNN TorchScript runner, batch
+buckets (the CUDA-graph padding, checked with the eager network), and JPEG decode + letterbox on the device.
+The other CPU runners and `auto`: tests/model/test_runners.py."""
 from pathlib import Path
 
 import cv2
@@ -8,9 +9,16 @@ import pytest
 import torch
 
 from model import Detector, TestConfig, build_rtmdet
-from model.inference.accelerate import OneDNNRunner, bucket_for, pad_batch, resolve_mode, trim_outputs
+from model.inference.accelerate import (
+    EagerRunner,
+    TorchScriptRunner,
+    bucket_for,
+    pad_batch,
+    resolve_mode,
+    trim_outputs,
+)
 from model.inference.device_preprocess import letterbox_rgb_chw, preprocess_jpegs
-from model.inference.preprocess import letterbox
+from model.inference.preprocess import Normalizer, letterbox
 from model.nn.rtmdet import fused_for_inference
 from model.testing import fill_deterministic
 
@@ -27,14 +35,14 @@ def net():
     return fused_for_inference(fill_deterministic(build_rtmdet("tiny"), 3)).to(memory_format=torch.channels_last)
 
 
-def test_onednn_runner_equals_eager_across_batch_and_input_sizes(net):
+def test_torchscript_runner_equals_eager_across_batch_and_input_sizes(net):
     g = torch.Generator().manual_seed(0)
-    example = torch.randn(1, 3, 128, 128, generator=g)
-    runner = OneDNNRunner(net, example)
-    for shape in [(1, 3, 128, 128), (2, 3, 128, 128), (1, 3, 96, 160)]:  # shapes other than the traced one too
-        x = torch.randn(*shape, generator=g).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            ref = net(x)
+    normalize = Normalizer(torch.device("cpu"), channels_last=True)
+    runner = TorchScriptRunner(net, normalize, torch.randint(0, 256, (1, 128, 128, 3), dtype=torch.uint8, generator=g))
+    eager = EagerRunner(net, normalize)
+    for shape in [(1, 128, 128, 3), (2, 128, 128, 3), (1, 96, 160, 3)]:  # shapes other than the traced one too
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        ref = eager(x)
         for _ in range(3):  # the profiling executor changes the graph after the first calls: check each
             out = runner(x)
             assert [o.shape for o in out[0]] == [r.shape for r in ref[0]]
@@ -54,8 +62,15 @@ def test_padded_bucket_outputs_equal_the_unpadded_ones(net):
 
 
 def test_modes_are_checked_against_the_device():
-    assert resolve_mode("auto", torch.device("cpu")) == "onednn"
-    assert resolve_mode("auto", torch.device("cuda")) == "cudagraph"
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_mode(None, cpu) == "eager"  # no deprecated path by default
+    assert resolve_mode(None, cuda) == resolve_mode("auto", cuda) == "cudagraph"
+    assert resolve_mode("auto", cpu) == "auto"  # measured when the first batch comes
+    assert resolve_mode("onednn", cpu) == "torchscript"  # the old name still works
+    for mode in ("inductor", "onnxruntime", "openvino", "torchscript"):
+        assert resolve_mode(mode, cpu) == mode
+        with pytest.raises(ValueError, match="for the CPU"):
+            resolve_mode(mode, cuda)
     with pytest.raises(ValueError, match="CUDA graphs"):
         resolve_mode("cudagraph", torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown"):
@@ -74,13 +89,14 @@ def confident_model():
     return model.eval()
 
 
-def test_detector_default_path_gives_the_eager_detections():
+def test_detector_torchscript_path_gives_the_eager_detections():
     model = confident_model()
     imgs = [cv2.imread(str(p)) for p in PHOTOS]
     cfg = TestConfig(input_size=160, score_thr=0.3)
-    eager = Detector(model, ["a", "b", "c"], device="cpu", accelerate="eager", test_cfg=cfg)
-    fast = Detector(model, ["a", "b", "c"], device="cpu", test_cfg=cfg)
-    assert fast.describe()["accelerate"] == "onednn"
+    eager = Detector(model, ["a", "b", "c"], device="cpu", test_cfg=cfg)
+    assert eager.describe()["accelerate"] == "eager"
+    fast = Detector(model, ["a", "b", "c"], device="cpu", accelerate="onednn", test_cfg=cfg)
+    assert fast.describe()["accelerate"] == "torchscript"
     fast.warmup([2])
     for e, f in zip(eager(imgs), fast(imgs), strict=True):
         assert len(e) > 0 and len(e) == len(f)

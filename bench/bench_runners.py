@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""This project's CPU runners beside ONNX Runtime, OpenVINO and MMDetection 3.3.0: one table, one run.
+
+    .venv/bin/python bench/bench_runners.py [--sizes tiny s] [--batches 1 8] [--threads 1 2] [--seconds 2]
+        [--rounds 4] [--no-mmdet] [--no-inductor]
+
+For each thread count and model size, on the same seeded weights (BatchNorm folded, 640x640, real photos):
+- the runners are built once: eager and inductor (`torch.compile`, freezing, max-autotune) are this project's
+  PyTorch paths; ONNX Runtime and OpenVINO (float32) run the ONNX export of the very same network (one
+  dynamo-based export); MMDetection's network forward runs in its own venv (bench/mmdet_peer.py, random
+  weights and input: a forward's cost depends on neither; its input is already normalised, ours is uint8);
+- `auto` is measured as the Detector does it at start-up (model.inference.runner_choice.pick_fastest, batch 1)
+  from the runners already built, and the pick is reported: the project picks it by itself;
+- rows `forward`: the runner alone, uint8 batch in, raw head outputs out, images/s;
+- rows `detector`: decoded images to boxes (letterbox, forward, decode + NMS at serving thresholds), through
+  `Detector` for each of our runners, ONNX Runtime's and OpenVINO's included (their forward plus our pre/post),
+  and MMDetection's forward plus our measured pre/post time.
+Every runner of a row is timed in `--rounds` alternating rounds of equal calls (the peer's calls in turn with
+ours), so all see the same load on a shared machine; the median per call decides. Threads: torch, ONNX
+Runtime's intra-op pool, OpenVINO's INFERENCE_NUM_THREADS and the peer's torch are all set to the same count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+from bench_model import machine_line, photos  # noqa: E402
+from bench_vs_mmdet import MMDET_PY, MMDetPeer  # noqa: E402
+
+from model import Detector, TestConfig, build_rtmdet  # noqa: E402
+from model.inference.accelerate import EagerRunner, InductorRunner  # noqa: E402
+from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, export_network  # noqa: E402
+from model.inference.runner_choice import peak_relative_error, pick_fastest  # noqa: E402
+from model.testing import fill_deterministic  # noqa: E402
+
+OURS = ("eager", "inductor")
+PEERS = ("onnxruntime", "openvino")
+
+
+class SelfTimed:
+    """A call that reports its own time (the MMDetection peer times its forward in its process)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self) -> list[float]:
+        return self.fn()
+
+
+def interleaved(calls: dict[str, object], seconds: float, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each callable (None: skipped), timed in alternating rounds of equal calls."""
+    live = {k: f for k, f in calls.items() if f is not None}
+    probe = {}
+    for name, f in live.items():
+        f()  # warm
+        t0 = time.perf_counter()
+        out = f()
+        probe[name] = statistics.median(out) if isinstance(f, SelfTimed) else time.perf_counter() - t0
+    per_round = max(1, round(seconds / rounds / max(max(probe.values()), 1e-6)))
+    times: dict[str, list[float]] = {k: [] for k in live}
+    for r in range(rounds):
+        order = list(live) if r % 2 == 0 else list(reversed(live))  # who goes first alternates
+        for name in order:
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                out = live[name]()
+                times[name] += out if isinstance(live[name], SelfTimed) else [time.perf_counter() - t0]
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def build_model(size: str):
+    model = fill_deterministic(build_rtmdet(size), 0)
+    with torch.no_grad():  # a realistic score distribution: most priors are background
+        for conv in model.bbox_head.rtm_cls:
+            conv.bias.fill_(-4.0)
+    return model.eval()
+
+
+def runners_for(det: Detector, threads: int, inductor: bool) -> dict[str, object]:
+    eager = EagerRunner(det.network, det.normalize)
+    out: dict[str, object] = {"eager": eager, "inductor": InductorRunner(det.network, det.normalize) if inductor
+                              else None}
+    with export_network(det.network, det.strides, det.input_size) as path:
+        out["onnxruntime"] = OnnxRuntimeRunner(path, threads)
+        out["openvino"] = OpenVINORunner(path, threads)
+    return out
+
+
+def bench_size(size: str, threads: int, batches: list[int], seconds: float, rounds: int, peer: MMDetPeer | None,
+               inductor: bool) -> list[dict]:
+    torch.set_num_threads(threads)
+    cfg = TestConfig.serving()
+    model = build_model(size)
+    base = Detector(model, device="cpu", test_cfg=cfg, accelerate="eager")
+    t0 = time.perf_counter()
+    runners = runners_for(base, threads, inductor)
+    build_s = time.perf_counter() - t0
+    x1, _ = base.preprocess(photos(1))
+    # The start-up choice, as `Detector(accelerate="auto")` makes it (batch 1), from the runners built above.
+    _, choice = pick_fastest(runners["eager"], {k: (lambda r=r: r) for k, r in runners.items()
+                                                if k != "eager" and r is not None}, x1, threads)
+    print(json.dumps({"size": size, "threads": threads, "build_s": round(build_s, 1), "auto": choice.summary()}),
+          flush=True)
+    dets = {}
+    for name, runner in runners.items():
+        if runner is not None:
+            d = Detector(model, device="cpu", test_cfg=cfg, accelerate="eager")
+            d.set_runner(runner, name)
+            dets[name] = d
+    rows = []
+    for b in batches:
+        imgs = photos(b)
+        x, infos = base.preprocess(imgs)
+        ref = runners["eager"](x)
+        errors = {k: peak_relative_error(r(x), ref) for k, r in runners.items() if r is not None}
+        peer_fwd = SelfTimed(partial(peer.forward_times, size, b, 1)) if peer else None
+        fwd = interleaved({**{k: partial(r, x) for k, r in runners.items() if r is not None}, "mmdet": peer_fwd},
+                          seconds, rounds)
+        cls, reg = ref
+        pre = interleaved({"pre": partial(base.preprocess, imgs),
+                           "post": partial(base.postprocess, cls, reg, infos, cfg)}, seconds / 4, 2)
+        whole = interleaved({**{k: partial(d, imgs) for k, d in dets.items()}, "mmdet": peer_fwd}, seconds, rounds)
+        if "mmdet" in whole:  # their forward plus our pre/post
+            whole["mmdet"] += pre["pre"] + pre["post"]
+        common = {"size": size, "batch": b, "threads": threads, "auto": choice.chosen}
+        rows.append({"what": "forward", **common, **{k: b / v for k, v in fwd.items()},
+                     "max_peak_rel_error": max(errors.values())})
+        rows.append({"what": "detector", **common, **{k: b / v for k, v in whole.items()},
+                     "pre_ms": pre["pre"] * 1e3, "post_ms": pre["post"] * 1e3})
+        for r in rows[-2:]:
+            print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+    return rows
+
+
+def fmt(v, spec: str = ".2f", unit: str = "") -> str:
+    return "n/a" if v is None else f"{v:{spec}}{unit}"
+
+
+def over_best_peer(row: dict, key: str) -> float | None:
+    best = max(row.get(k) or 0.0 for k in PEERS)
+    value = row.get(key)
+    return value / best if value and best else None
+
+
+def print_table(rows: list[dict]) -> None:
+    head = ("what", "size", "batch", "threads", "eager", "inductor", "ONNX Runtime", "OpenVINO", "MMDetection",
+            "auto picks", "inductor / best peer", "auto / best peer")
+    print("\nimages/s (higher is better); best peer = the faster of ONNX Runtime and OpenVINO in that row")
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        print(f"| {r['what']} | {r['size']} | {r['batch']} | {r['threads']} | " + " | ".join(
+            fmt(r.get(k)) for k in (*OURS, *PEERS, "mmdet")) +
+            f" | {r['auto']} | {fmt(over_best_peer(r, 'inductor'), '.2f', 'x')} | "
+            f"{fmt(over_best_peer(r, r['auto']), '.2f', 'x')} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["tiny", "s"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--seconds", type=float, default=2.0, help="per runner per row, over all rounds")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--no-mmdet", action="store_true")
+    ap.add_argument("--no-inductor", action="store_true", help="skip the inductor compiles (~20-60 s each)")
+    args = ap.parse_args()
+    use_mmdet = not args.no_mmdet and MMDET_PY.is_file()
+    if not use_mmdet and not args.no_mmdet:
+        print(f"MMDetection not found ({MMDET_PY}): its column reads n/a", file=sys.stderr)
+    rows = []
+    for threads in args.threads:
+        peer = MMDetPeer(threads) if use_mmdet else None
+        try:
+            for size in args.sizes:
+                rows += bench_size(size, threads, args.batches, args.seconds, args.rounds, peer,
+                                   not args.no_inductor)
+        finally:
+            if peer is not None:
+                peer.close()
+    print_table(rows)
+    import onnxruntime
+    import openvino
+
+    print(f"\n{machine_line()}; onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__} "
+          "(MMDetection's venv: its own torch); 640x640, seeded weights, BatchNorm folded, channels_last for torch")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

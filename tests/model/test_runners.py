@@ -1,0 +1,130 @@
+"""The CPU runners give eager's raw head outputs (relative to each output's peak, float32), and `auto` keeps
+the fastest runner that does, refusing one that does not and skipping one that cannot be built."""
+import time
+
+import cv2
+import pytest
+import torch
+
+from model import Detector, TestConfig, build_rtmdet
+from model.inference.accelerate import EagerRunner, InductorRunner
+from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, export_network
+from model.inference.preprocess import Normalizer
+from model.inference.runner_choice import PEAK_TOLERANCE, peak_relative_error, pick_fastest
+from model.nn.rtmdet import fused_for_inference
+from model.testing import fill_deterministic
+from tests.model.test_accelerate import PHOTOS, assert_same_detections_any_order, confident_model
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def net():
+    m = fill_deterministic(build_rtmdet("tiny", num_classes=3), 3)
+    with torch.no_grad():
+        for conv in m.bbox_head.rtm_cls:
+            conv.weight.mul_(30.0)  # logits of a real detector's spread, so the error figure means something
+    return fused_for_inference(m).to(memory_format=torch.channels_last), m.bbox_head.strides
+
+
+@pytest.fixture(scope="module")
+def onnx_runners(net):
+    """One export (the slow part, ~10 s here) for every test of the two runtimes."""
+    network, strides = net
+    with export_network(network, strides, SIZE) as path:
+        return OnnxRuntimeRunner(path, threads=1), OpenVINORunner(path, threads=1)
+
+
+def batches(*sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (b, SIZE, SIZE, 3), dtype=torch.uint8, generator=g) for b in sizes]
+
+
+def test_onnx_runtime_and_openvino_runners_give_eager_outputs_at_any_batch(net, onnx_runners):
+    network, _ = net
+    eager = EagerRunner(network, Normalizer(torch.device("cpu"), channels_last=True))
+    for x in batches(1, 3):  # 3: neither the exported example's batch (2) nor one seen before
+        want = eager(x)
+        assert [w.shape[0] for w in want[0]] == [x.shape[0]] * 3
+        for runner in onnx_runners:
+            got = runner(x)
+            assert 0 < peak_relative_error(got, want) <= PEAK_TOLERANCE, runner.name
+            assert all(g.dtype == torch.float32 for g in got[0] + got[1])
+
+
+def test_openvino_answers_from_a_new_thread(onnx_runners):
+    """The service's watchdog may start a new batcher thread: each thread gets its own infer request."""
+    import threading
+
+    runner = onnx_runners[1]
+    (x,) = batches(2, seed=1)
+    first = runner(x)
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("o", runner(x)))
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive() and peak_relative_error(out["o"], first) == 0.0
+
+
+@pytest.mark.slow  # the compile takes 30-90 s on two shared cores
+def test_inductor_runner_gives_eager_outputs(net):
+    network, strides = net
+    normalize = Normalizer(torch.device("cpu"), channels_last=True)
+    eager, compiled = EagerRunner(network, normalize), InductorRunner(network, normalize)
+    (x,) = batches(1, seed=2)
+    with torch.inference_mode():  # as Detector.forward calls it
+        got = compiled(x)
+    assert 0 <= peak_relative_error(got, eager(x)) <= PEAK_TOLERANCE
+
+
+class Slowed:
+    """A right runner made slower by a known sleep: the choice must be by time."""
+
+    def __init__(self, runner, seconds):
+        self.runner, self.seconds = runner, seconds
+
+    def __call__(self, x):
+        time.sleep(self.seconds)
+        return self.runner(x)
+
+
+def test_auto_keeps_the_fastest_runner_that_matches_and_says_why_others_lost(net):
+    network, _ = net
+    eager = EagerRunner(network, Normalizer(torch.device("cpu"), channels_last=True))
+    (x,) = batches(1, seed=3)
+
+    def off_by_a_percent(x):
+        cls, reg = eager(x)
+        return [c * 1.01 for c in cls], reg
+
+    def cannot_build():
+        raise ImportError("no module named fastruntime")
+
+    slowed_eager = Slowed(eager, 0.05)
+    runner, choice = pick_fastest(slowed_eager, {"wrong": lambda: off_by_a_percent, "missing": cannot_build,
+                                                 "right": lambda: eager}, x, threads=1)
+    assert runner is eager and choice.chosen == "right"
+    by_name = {m.name: m for m in choice.measurements}
+    assert by_name["eager"].median_ms >= 50 and by_name["right"].median_ms < by_name["eager"].median_ms
+    assert by_name["wrong"].median_ms is None and "of the peak off" in by_name["wrong"].refused
+    assert by_name["missing"].refused.startswith("ImportError: no module named fastruntime")
+    assert "auto runner: right" in choice.summary()
+
+
+def test_detector_auto_picks_a_measured_runner_and_keeps_the_eager_detections():
+    model = confident_model()
+    imgs = [cv2.imread(str(p)) for p in PHOTOS]
+    cfg = TestConfig(input_size=160, score_thr=0.3)
+    eager = Detector(model, ["a", "b", "c"], device="cpu", test_cfg=cfg)
+    auto = Detector(model, ["a", "b", "c"], device="cpu", test_cfg=cfg, accelerate="auto",
+                    auto_candidates=("eager", "onnxruntime", "openvino"))  # inductor: its own test, compile is slow
+    auto.warmup([1, 2])
+    choice = auto.auto_choice
+    assert choice is not None and choice.batch == 1
+    assert [m.name for m in choice.measurements] == ["eager", "onnxruntime", "openvino"]
+    assert all(m.median_ms > 0 and m.peak_rel_error <= PEAK_TOLERANCE for m in choice.measurements)
+    fastest = min(choice.measurements, key=lambda m: m.median_ms)
+    assert auto.describe()["accelerate"] == choice.chosen == fastest.name
+    for e, a in zip(eager(imgs), auto(imgs), strict=True):
+        assert len(e) > 0 and len(e) == len(a)
+        assert_same_detections_any_order(e, a, atol_score=1e-5, atol_box=1e-2)
