@@ -21,21 +21,36 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", type=Path)
     p.add_argument("--size", choices=SIZES)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--model", action="append", metavar="NAME=PATH[,size=S][,img_size=N][,backend=B]",
+                   help="serve this model under NAME (repeatable; the first is the default)")
+    p.add_argument("--model-repository", type=Path, metavar="DIR",
+                   help="serve every model in DIR/<model>/<version>/ (SIGHUP re-reads it)")
     p.set_defaults(func=run_serve)
 
 
 def settings_from_args(args: argparse.Namespace):
     from pydantic import ValidationError
 
+    from service.registry import parse_model_option
     from service.settings import ServiceSettings
 
     overrides = {k: v for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
-                                   "weights": args.weights, "size": args.size, "device": args.device}.items()
+                                   "weights": args.weights, "size": args.size, "device": args.device,
+                                   "model_repository": getattr(args, "model_repository", None)}.items()
                  if v is not None}
     try:
-        return ServiceSettings(**overrides)
+        settings = ServiceSettings(**overrides)
+        if getattr(args, "model", None):
+            specs = [parse_model_option(text, settings) for text in args.model]
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"--model: each name once, got {names}")
+            settings = settings.model_copy(update={"models": specs})
+        return settings
     except ValidationError as exc:
         raise SystemExit(f"rtmdet serve: bad settings:\n{exc}") from None
+    except ValueError as exc:
+        raise SystemExit(f"rtmdet serve: error: {exc}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -127,3 +127,19 @@ def png(img: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", img)
     assert ok
     return buf.tobytes()
+
+
+def metric_samples(base_url: str) -> dict:
+    """Every sample of /metrics: {(name, sorted label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=10).text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric_value(snap: dict, name: str, **labels) -> float:
+    """The sum over the samples of `name` that carry these labels (whatever other labels they have, e.g. `model`)."""
+    return sum(v for (n, items), v in snap.items() if n == name and labels.items() <= dict(items).items())
