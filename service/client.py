@@ -53,9 +53,11 @@ class HttpDetectorClient:
 
     def detect(self, image: ImageInput, score_threshold: float | None = None, max_detections: int | None = None,
                classes: Sequence[str] | None = None, timeout_ms: float | None = None,
-               content_type: str = "image/jpeg") -> dict:
-        """Sends the bytes as the raw body; the server sniffs the real type, so any supported one works."""
-        return self._post("/detect", image, content_type, score_threshold=score_threshold,
+               content_type: str = "image/jpeg", model: str | None = None) -> dict:
+        """Sends the bytes as the raw body; the server sniffs the real type, so any supported one works.
+        `model`: a served model's name (default: the server's default model)."""
+        path = f"/v1/models/{model}/detect" if model else "/detect"
+        return self._post(path, image, content_type, score_threshold=score_threshold,
                           max_detections=max_detections, classes=classes, timeout_ms=timeout_ms).json()
 
     def render(self, image: ImageInput, **params) -> bytes:
@@ -63,8 +65,21 @@ class HttpDetectorClient:
                           max_detections=params.get("max_detections"), classes=params.get("classes"),
                           timeout_ms=params.get("timeout_ms")).content
 
-    def model(self) -> dict:
-        r = self.http.get("/v1/model")
+    def model(self, name: str | None = None) -> dict:
+        r = self.http.get(f"/v1/models/{name}" if name else "/v1/model")
+        r.raise_for_status()
+        return r.json()
+
+    def models(self) -> list[dict]:
+        r = self.http.get("/v1/models")
+        r.raise_for_status()
+        return r.json()["models"]
+
+    def reload(self, name: str, weights: str | None = None, admin_key: str | None = None) -> dict:
+        """Load a new version of `name` (from `weights`, else its current file) and swap it in once checked."""
+        headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+        r = self.http.post(f"/v1/models/{name}/reload", json={"weights": weights} if weights else None,
+                           headers=headers)
         r.raise_for_status()
         return r.json()
 
@@ -74,7 +89,8 @@ def response_to_dict(resp) -> dict:
     t = resp.timing
     return {
         "width": resp.width, "height": resp.height,
-        "model": {"name": resp.model.name, "size": resp.model.size, "version": resp.model.version},
+        "model": {"name": resp.model.name, "size": resp.model.size, "version": resp.model.version,
+                  "model": resp.model.model},
         "detections": [{"box": [round(v, 2) for v in (d.box.x1, d.box.y1, d.box.x2, d.box.y2)],
                         "score": round(d.score, 4), "label": d.label, "class_name": d.class_name}
                        for d in resp.detections],
@@ -112,10 +128,10 @@ class GrpcDetectorClient:
 
     def request(self, image: ImageInput | np.ndarray, score_threshold: float | None = None,
                 max_detections: int | None = None, classes: Sequence[str] | None = None, request_id: str = "",
-                rgb: bool = False):
+                rgb: bool = False, model: str | None = None):
         """A DetectRequest: encoded bytes (or a path), or a decoded uint8 array sent as raw pixels."""
         pb = self.pb
-        req = pb.DetectRequest(classes=list(classes or ()), request_id=request_id)
+        req = pb.DetectRequest(classes=list(classes or ()), request_id=request_id, model=model or "")
         if isinstance(image, np.ndarray):
             arr = np.ascontiguousarray(image, dtype=np.uint8)
             channels = 1 if arr.ndim == 2 else arr.shape[2]
@@ -142,7 +158,14 @@ class GrpcDetectorClient:
         for resp in self.stub.DetectStream(requests, timeout=timeout or self.timeout, metadata=self.metadata):
             yield response_to_dict(resp)
 
-    def model(self) -> dict:
+    def model(self, name: str | None = None) -> dict:
         from google.protobuf.json_format import MessageToDict
-        info = self.stub.GetModelInfo(self.pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+        info = self.stub.GetModelInfo(self.pb.GetModelInfoRequest(model=name or ""), timeout=self.timeout,
+                                      metadata=self.metadata)
         return MessageToDict(info, preserving_proto_field_name=True)
+
+    def models(self) -> list[dict]:
+        from google.protobuf.json_format import MessageToDict
+        listing = self.stub.ListModels(self.pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
+        return [MessageToDict(m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+                for m in listing.models]

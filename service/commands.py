@@ -61,8 +61,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def add_client(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="send an image to a running `rtmdet serve` and print the JSON")
-    p.add_argument("image", type=Path)
+    p.add_argument("image", type=Path, nargs="?", help="the image (not needed with --list-models)")
     p.add_argument("--grpc", action="store_true", help="use gRPC instead of HTTP")
+    p.add_argument("--model", help="a served model's name (default: the server's default model)")
+    p.add_argument("--list-models", action="store_true", help="print the served models instead of detecting")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP base URL")
     p.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
     p.add_argument("--api-key", default=os.environ.get("RTMDET_API_KEY"))
@@ -74,7 +76,20 @@ def add_client(sub: argparse._SubParsersAction) -> None:
 
 
 def run_client(args: argparse.Namespace) -> int:
-    params = dict(score_threshold=args.score_threshold, max_detections=args.max_detections, classes=args.classes)
+    params = dict(score_threshold=args.score_threshold, max_detections=args.max_detections, classes=args.classes,
+                  model=args.model)
+    if args.image is None and not args.list_models:
+        print("error: give an image, or --list-models", file=sys.stderr)
+        return 2
+
+    def call(client):
+        if args.list_models:
+            from service.schemas import ModelInfo
+
+            # Typed both ways: the HTTP JSON and the gRPC message read into the same ModelInfo.
+            return [ModelInfo.model_validate(m).model_dump(mode="json") for m in client.models()]
+        return client.detect(args.image, **params)
+
     try:
         if args.grpc:
             import grpc
@@ -82,7 +97,7 @@ def run_client(args: argparse.Namespace) -> int:
             from service.client import GrpcDetectorClient
             try:
                 with GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout) as c:
-                    result = c.detect(args.image, **params)
+                    result = call(c)
             except grpc.RpcError as exc:
                 print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
                 return 1
@@ -92,7 +107,7 @@ def run_client(args: argparse.Namespace) -> int:
             from service.client import HttpDetectorClient
             try:
                 with HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout) as c:
-                    result = c.detect(args.image, **params)
+                    result = call(c)
             except httpx.HTTPStatusError as exc:
                 print(f"error: HTTP {exc.response.status_code}: {exc.response.text}", file=sys.stderr)
                 return 1

@@ -57,6 +57,9 @@ class ServiceMetrics:
                                   registry=r)
         self.reloads = Counter("rtmdet_model_reloads_total", "Model (re)loads, by outcome", ["model", "outcome"],
                                registry=r)
+        self.versions_loaded = Gauge("rtmdet_model_versions_loaded",
+                                     "Versions of a model in memory (2 while a reload drains the old one)", ["model"],
+                                     registry=r)
         self.model_info = Gauge("rtmdet_model_info", "The model versions being served (value 1)",
                                 list(MODEL_INFO_LABELS), registry=r)
 

@@ -69,8 +69,9 @@ def release_freed_memory() -> None:
 class ModelVersion:
     """One loaded set of weights: its detector, its batcher, its leases."""
 
-    def __init__(self, spec: ModelSpec, detector: Detector, batcher: DynamicBatcher) -> None:
+    def __init__(self, spec: ModelSpec, detector: Detector, batcher: DynamicBatcher, on_close=None) -> None:
         self.spec = spec
+        self._on_close = on_close
         self.detector = detector
         self.batcher = batcher
         sha = detector.info.weights_sha256 or ""
@@ -115,6 +116,8 @@ class ModelVersion:
         self._closed.set()
         self.batcher.stop(timeout=timeout)
         self.detector.close()
+        if self._on_close is not None:
+            self._on_close()
         log.info("model %s version %s closed", self.name, self.version)
 
     def wait_closed(self, timeout: float) -> bool:
@@ -205,7 +208,9 @@ class ModelRegistry:
                                  s.max_queue_delay_ms / 1000.0, s.max_queue_size,
                                  inference_timeout_s=s.inference_timeout_s)
         batcher.start()
-        return ModelVersion(spec, detector, batcher)
+        gauge = self.metrics.versions_loaded.labels(model=spec.name)
+        gauge.inc()
+        return ModelVersion(spec, detector, batcher, on_close=gauge.dec)
 
     def _install(self, slot: ModelSlot, version: ModelVersion) -> ModelVersion | None:
         with self._lock:
@@ -341,7 +346,8 @@ def parse_model_option(text: str, settings: ServiceSettings) -> ModelSpec:
     if not sep or not name or not path:
         raise ValueError(f"--model {text!r}: expected NAME=PATH[,size=S][,img_size=N][,backend=B]")
     fields: dict = {"name": name, "weights": Path(path), "device": settings.device, "fp16": settings.fp16,
-                    "backend": settings.backend, "size": settings.size, "triton": settings.triton_settings()}
+                    "backend": settings.backend, "size": settings.size, "input_size": settings.input_size,
+                    "triton": settings.triton_settings()}
     for opt in options:
         key, sep, value = opt.partition("=")
         key = _OPTION_ALIASES.get(key.strip(), key.strip())
