@@ -337,6 +337,7 @@ def info_labels(version: ModelVersion) -> dict[str, str]:
 
 # -- where specs come from --------------------------------------------------------------------------------
 _OPTION_ALIASES = {"img_size": "input_size"}
+MODEL_OPTIONS = ("size", "input_size", "backend", "num_classes", "accelerate")
 
 
 def parse_model_option(text: str, settings: ServiceSettings) -> ModelSpec:
@@ -347,12 +348,13 @@ def parse_model_option(text: str, settings: ServiceSettings) -> ModelSpec:
         raise ValueError(f"--model {text!r}: expected NAME=PATH[,size=S][,img_size=N][,backend=B]")
     fields: dict = {"name": name, "weights": Path(path), "device": settings.device, "fp16": settings.fp16,
                     "backend": settings.backend, "size": settings.size, "input_size": settings.input_size,
-                    "triton": settings.triton_settings()}
+                    "accelerate": settings.accelerate, "triton": settings.triton_settings()}
     for opt in options:
         key, sep, value = opt.partition("=")
         key = _OPTION_ALIASES.get(key.strip(), key.strip())
-        if not sep or key not in ("size", "input_size", "backend", "num_classes"):
-            raise ValueError(f"--model {text!r}: unknown option {opt!r}; known: size, img_size, backend, num_classes")
+        if not sep or key not in MODEL_OPTIONS:
+            raise ValueError(f"--model {text!r}: unknown option {opt!r}; known: size, img_size, backend, num_classes, "
+                             "accelerate")
         fields[key] = value.strip()
     try:
         return ModelSpec(**fields)
@@ -378,7 +380,7 @@ def version_spec(name: str, folder: Path, base: dict) -> ModelSpec:
         extra = yaml.safe_load(config.read_text()) or {}
         if not isinstance(extra, dict):
             raise ValueError(f"{config}: expected a mapping of settings")
-        unknown = set(extra) - {"size", "img_size", "input_size", "backend", "num_classes", "class_names", "fp16"}
+        unknown = set(extra) - {*MODEL_OPTIONS, "img_size", "class_names", "fp16"}
         if unknown:
             raise ValueError(f"{config}: unknown settings {sorted(unknown)}")
         fields.update({_OPTION_ALIASES.get(k, k): v for k, v in extra.items()})
@@ -396,7 +398,7 @@ def repository_specs(root: Path, settings: ServiceSettings | None = None) -> lis
     base: dict = {}
     if settings is not None:
         base = {"device": settings.device, "fp16": settings.fp16, "size": settings.size, "backend": settings.backend,
-                "triton": settings.triton_settings()}
+                "accelerate": settings.accelerate, "triton": settings.triton_settings()}
     specs = []
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and re.match(r"^[\w.-]+$", p.name)),

@@ -55,6 +55,9 @@ class ModelSpec(BaseModel):
     input_size: int | None = Field(None, ge=32, le=4096)  # None: the checkpoint's training size, else 640
     device: str = "auto"
     fp16: bool = False
+    # The torch runner's mode (model.inference.accelerate). `onednn` (auto's CPU choice) traces into TorchScript,
+    # which keeps ~40-110 MB per traced copy for the life of the process: a model reloaded often is better `eager`.
+    accelerate: str = Field("auto", pattern=r"^(auto|eager|onednn|cudagraph)$")
     class_names: list[str] | None = None
     num_classes: int | None = Field(None, ge=1)  # pinned: a file with another class count is refused
     version: str | None = None  # the repository's version folder; None: from the weights' hash
@@ -75,6 +78,7 @@ class ServiceSettings(BaseSettings):
     size: str = "tiny"
     device: str = "auto"
     fp16: bool = False
+    accelerate: str = Field("auto", pattern=r"^(auto|eager|onednn|cudagraph)$")  # see ModelSpec.accelerate
     # None: the checkpoint's training size (meta `img_size`), else 640.
     input_size: int | None = Field(None, ge=32, le=4096)
     class_names: list[str] | None = None  # override the checkpoint's class names
@@ -146,5 +150,5 @@ class ServiceSettings(BaseSettings):
     def default_spec(self) -> ModelSpec:
         """The model served when neither --model nor a repository is given (RTMDET_WEIGHTS, the shipped one)."""
         return ModelSpec(name=self.model_name, weights=self.weights, size=self.size, backend=self.backend,
-                         input_size=self.input_size, device=self.device, fp16=self.fp16,
+                         input_size=self.input_size, device=self.device, fp16=self.fp16, accelerate=self.accelerate,
                          class_names=self.class_names, triton=self.triton_settings())
