@@ -156,8 +156,8 @@ def test_reloads_under_load_lose_nothing_and_free_the_old_versions(weights, phot
             assert r.status_code == 422 and str(weights["corrupt"]) in r.json()["detail"], r.text
             n0 = clients.answered()
             wait_until(lambda: clients.answered() >= n0 + 20, 120, "answers after the failed reload")
-        assert httpx.get(f"{srv.http}/v1/models/shapes", headers={"Authorization": f"Bearer {API_KEY}"}).json()[
-            "version"] == vb
+        info = httpx.get(f"{srv.http}/v1/models/shapes", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+        assert info.json()["version"] == vb
         assert loaded() == 1
     finally:
         srv.stop()
