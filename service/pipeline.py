@@ -56,6 +56,7 @@ class DetectionService:
         self.registry = registry or ModelRegistry(settings, self.metrics)
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="rtmdet-decode")
         self.draining = False
+        self.loaded = False  # every start-up model loaded
         self.start_error: str | None = None
         self._start_task: asyncio.Task | None = None
 
@@ -63,6 +64,7 @@ class DetectionService:
     def load(self) -> None:
         """Blocking: load, warm and check every configured model."""
         self.registry.load_all()
+        self.loaded = True
 
     def start(self) -> asyncio.Task:
         """Load in a thread; the same task for every caller."""
@@ -79,13 +81,18 @@ class DetectionService:
             raise
 
     def is_ready(self, model: str | None = None) -> bool:
-        """What probes see: every model (or the one named) able to serve, not draining, and no model step
-        stuck past the watchdog (so load balancers stop sending new work)."""
+        """What probes see: not draining, the start-up loads done, and every loaded version (or the one named)
+        able to serve with no model step stuck past the watchdog (so load balancers stop sending new work).
+        A model unloaded on purpose, or one added later whose load failed, does not take the others down."""
         if self.draining:
             return False
-        slots = [self.registry.slot(model)] if model else self.registry.slots()
-        return bool(slots) and all(s.current is not None and s.current.can_serve() and s.current.batcher.stalled == 0
-                                   for s in slots)
+        if model is not None:
+            versions = [self.registry.slot(model).current]
+        else:
+            if not self.loaded:
+                return False
+            versions = [s.current for s in self.registry.slots() if s.current is not None]
+        return bool(versions) and all(v is not None and v.can_serve() and v.batcher.stalled == 0 for v in versions)
 
     def not_ready_reason(self, model: str | None = None) -> str:
         if self.draining:
@@ -94,6 +101,8 @@ class DetectionService:
             return "failed: " + self.start_error
         for slot in [self.registry.slot(model)] if model else self.registry.slots():
             v = slot.current
+            if v is None and model is None and self.loaded:
+                continue  # unloaded on purpose, or added later and failed: not the server's readiness
             if v is None:
                 return f"{slot.name}: {slot.state}" + (f": {slot.error}" if slot.error else "")
             if v.batcher.stalled:

@@ -113,6 +113,7 @@ def test_unload_stops_one_model_and_the_other_keeps_serving(checkpoint, coco_che
                        timeout=60)
         assert r.status_code == 503 and "unloaded" in r.json()["detail"]
         assert httpx.get(f"{srv.http}/v1/models/b/ready", timeout=60).status_code == 503
+        assert httpx.get(f"{srv.http}/readyz", timeout=60).status_code == 200  # `a` still serves: the pod is ready
         assert httpx.post(f"{srv.http}/v1/models/a/detect", content=data, headers={"content-type": "image/jpeg"},
                           timeout=60).status_code == 200
         assert httpx.post(f"{srv.http}/v1/models/b/reload", timeout=120).json()["state"] == "ready"
