@@ -80,7 +80,8 @@ class ModelVersion:
         self.loaded_at = time.time()
         self._leases = 0
         self._retired = False
-        self._closed = threading.Event()
+        self._closing = False
+        self._closed = threading.Event()  # set once the batcher stopped and the runner is released
         self._lock = threading.Lock()
 
     @property
@@ -88,7 +89,7 @@ class ModelVersion:
         return self.spec.name
 
     def can_serve(self) -> bool:
-        return not self._closed.is_set() and self.batcher.running and self.detector.runner.is_ready()
+        return not self._closing and self.batcher.running and self.detector.runner.is_ready()
 
     def _acquire(self) -> None:
         with self._lock:
@@ -111,13 +112,15 @@ class ModelVersion:
             self.close()
 
     def close(self, timeout: float = 30.0) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
         self.batcher.stop(timeout=timeout)
         self.detector.close()
         if self._on_close is not None:
             self._on_close()
+        self._closed.set()
         log.info("model %s version %s closed", self.name, self.version)
 
     def wait_closed(self, timeout: float) -> bool:
