@@ -120,6 +120,7 @@ class ModelVersion:
         self.detector.close()
         if self._on_close is not None:
             self._on_close()
+        release_freed_memory()
         self._closed.set()
         log.info("model %s version %s closed", self.name, self.version)
 
@@ -266,8 +267,7 @@ class ModelRegistry:
         finally:
             slot.reload_lock.release()
         if old is not None:
-            old.retire()
-            release_freed_memory()
+            old.retire()  # closes (and frees) it now, or when its last lease ends
         return version
 
     def unload(self, name: str) -> None:
@@ -278,7 +278,6 @@ class ModelRegistry:
             if old is not None:
                 self.metrics.set_model_info(None, info_labels(old))
                 old.retire()
-                release_freed_memory()
 
     def add(self, spec: ModelSpec) -> ModelSlot:
         with self._lock:
