@@ -86,7 +86,7 @@ def main() -> int:
 
         def end_to_end(det=det, data=data):
             batch, infos = det.preprocess_jpegs(data)
-            return det.postprocess(*det.forward(batch), infos)
+            return det.postprocess(det.forward(batch), infos)
         row["detector from JPEG img/s (graph fp16)"] = b / timed(end_to_end, args.seconds, sync=sync)
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

@@ -25,52 +25,30 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Protocol
 
-import numpy as np
 import torch
 
-from model.inference.detector import Detections
+from model.inference.detections import Detections, DetectParams
 from model.inference.preprocess import LetterboxInfo
-from service.backends import Backend
-from service.metrics import ServiceMetrics
+from model.inference.runner import RunnerOutputs
+from service.errors import BatchFailed, DeadlineExceeded, InferenceTimeout, NotAccepting, QueueFull
+from service.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
-# Post-processing runs once per batch at the lowest threshold asked, without a per-image cut, and each
-# request is filtered afterwards. Class-aware NMS is greedy by score, so boxes under a request's
-# threshold, or of classes it did not ask for, never change which of its boxes survive: the result
-# equals running the detector with that request's own settings.
-_NO_CUT = 1_000_000
+__all__ = ["BatchFailed", "DeadlineExceeded", "DetectParams", "DynamicBatcher", "InferenceTimeout", "NotAccepting",
+           "QueueFull", "StageTimes", "Ticket"]
 
 
-class QueueFull(RuntimeError):
-    """The queue holds `max_queue_size` requests already (HTTP 503, gRPC RESOURCE_EXHAUSTED)."""
+class BatchModel(Protocol):
+    """What the batcher runs: a `model.Detector` (its runner's forward, its transform's post-processing)."""
 
+    def forward(self, batch_uint8: torch.Tensor) -> RunnerOutputs: ...
 
-class DeadlineExceeded(RuntimeError):
-    """The request's deadline passed before its batch ran (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
-
-
-class BatchFailed(RuntimeError):
-    """Inference raised for the batch this request was in (HTTP 500, gRPC INTERNAL)."""
-
-
-class InferenceTimeout(BatchFailed):
-    """The model step ran past the watchdog's limit (HTTP 500, gRPC INTERNAL)."""
-
-
-class NotAccepting(RuntimeError):
-    """The batcher is stopped (HTTP 503, gRPC UNAVAILABLE)."""
-
-
-@dataclass(frozen=True)
-class DetectParams:
-    """Per-request post-processing choices."""
-
-    score_threshold: float
-    max_detections: int
-    class_ids: frozenset[int] | None = None  # None: every class
+    def postprocess(self, outputs: RunnerOutputs, infos: Sequence[LetterboxInfo], cfg=None,
+                    params: Sequence[DetectParams] | None = None) -> list[Detections]: ...
 
 
 @dataclass
@@ -115,20 +93,14 @@ class Ticket:
 _STOP = object()
 
 
-def filter_detections(dets: Detections, params: DetectParams) -> Detections:
-    """Score threshold, then classes, then the best `max_detections` (rows are sorted by score)."""
-    keep = dets.scores > params.score_threshold
-    if params.class_ids is not None:
-        keep &= np.isin(dets.labels, np.fromiter(params.class_ids, dtype=np.int64))
-    idx = np.flatnonzero(keep)[: params.max_detections]
-    return Detections(dets.boxes[idx], dets.scores[idx], dets.labels[idx], [dets.class_names[i] for i in idx])
-
-
 class DynamicBatcher:
-    def __init__(self, backend: Backend, metrics: ServiceMetrics, max_batch_size: int = 8,
+    """One per loaded model version. Extension point for scheduling policies: `_gather` decides what
+    forms a batch, `_live_jobs` what is dropped before it runs."""
+
+    def __init__(self, model: BatchModel, metrics: ModelMetrics, max_batch_size: int = 8,
                  max_queue_delay_s: float = 0.002, max_queue_size: int = 64, inference_timeout_s: float = 0.0,
                  max_stalled: int = 2) -> None:
-        self.backend = backend
+        self.model = model
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -256,10 +228,9 @@ class DynamicBatcher:
         now, live = time.monotonic(), []
         for job in batch:
             if job.abandoned or job.future.cancelled():
-                self.metrics.dropped.labels(reason="expired" if job.deadline and now >= job.deadline
-                                            else "cancelled").inc()
+                self.metrics.drop("expired" if job.deadline and now >= job.deadline else "cancelled")
             elif job.deadline is not None and now >= job.deadline:
-                self.metrics.dropped.labels(reason="expired").inc()
+                self.metrics.drop("expired")
                 self._fail(job, DeadlineExceeded("deadline exceeded while queued; dropped before inference"))
             else:
                 job.times.queue_wait = now - job.enqueued_at
@@ -290,7 +261,7 @@ class DynamicBatcher:
         self.metrics.observe_stage("postprocess", t_post)
         for job, dets in zip(live, results):
             job.times.inference, job.times.postprocess, job.times.batch_size = t_inf, t_post, len(live)
-            self._resolve(job, filter_detections(dets, job.params))
+            self._resolve(job, dets)
 
     def _watched(self, live: Sequence[_Job]):
         """The model step on the model thread, under the watchdog."""
@@ -338,11 +309,10 @@ class DynamicBatcher:
     def _infer(self, live: Sequence[_Job]) -> tuple[list[Detections], list[int], float, float]:
         t0 = time.perf_counter()
         stacked = live[0].batch if len(live) == 1 else torch.cat([j.batch for j in live])
-        cls_scores, bbox_preds = self.backend.forward(stacked)
+        outputs = self.model.forward(stacked)
         t1 = time.perf_counter()
-        cfg = replace(self.backend.test_config, score_thr=min(j.params.score_threshold for j in live),
-                      max_per_img=_NO_CUT)
-        results = self.backend.postprocess(cls_scores, bbox_preds, [j.info for j in live], cfg)
+        # Each request's own threshold, classes and count: the transform owns that policy.
+        results = self.model.postprocess(outputs, [j.info for j in live], params=[j.params for j in live])
         t2 = time.perf_counter()
         return list(results), [len(live)], t1 - t0, t2 - t1
 

@@ -155,22 +155,36 @@ class HttpDetectorClient(_Http, _SyncClient):
 
     def detect(self, image: ImageInput, score_threshold: float | None = None, max_detections: int | None = None,
                classes: Sequence[str] | None = None, timeout_ms: float | None = None,
-               content_type: str = "image/jpeg", *, timeout: float | None = None) -> dict:
-        """Sends the bytes as the raw body; the server sniffs the real type, so any supported one works."""
+               content_type: str = "image/jpeg", model: str | None = None, *, timeout: float | None = None) -> dict:
+        """Sends the bytes as the raw body; the server sniffs the real type, so any supported one works.
+        `model`: a served model's name (default: the server's default model)."""
         params = dict(score_threshold=score_threshold, max_detections=max_detections, classes=classes,
                       timeout_ms=timeout_ms)
-        return self._send(self._post_image("/detect", _image_bytes(image), content_type, params), timeout).json()
+        return self._send(self._post_image(_detect_path(model), _image_bytes(image), content_type, params),
+                          timeout).json()
 
     def render(self, image: ImageInput, score_threshold: float | None = None, max_detections: int | None = None,
-               classes: Sequence[str] | None = None, timeout_ms: float | None = None, *,
+               classes: Sequence[str] | None = None, timeout_ms: float | None = None, model: str | None = None, *,
                timeout: float | None = None) -> bytes:
         params = dict(score_threshold=score_threshold, max_detections=max_detections, classes=classes,
                       timeout_ms=timeout_ms)
-        return self._send(self._post_image("/detect/render", _image_bytes(image), "image/jpeg", params),
-                          timeout).content
+        return self._send(self._post_image(_detect_path(model) + "/render", _image_bytes(image), "image/jpeg",
+                                           params), timeout).content
 
-    def model(self, *, timeout: float | None = None) -> dict:
-        return self._send(self._get("/v1/model"), timeout).json()
+    def model(self, name: str | None = None, *, timeout: float | None = None) -> dict:
+        return self._send(self._get(_model_path(name)), timeout).json()
+
+    def models(self, *, timeout: float | None = None) -> list[dict]:
+        return self._send(self._get("/v1/models"), timeout).json()["models"]
+
+    def reload(self, name: str, weights: str | None = None, admin_key: str | None = None) -> dict:
+        """Load a new version of `name` (from `weights`, else its current file) and swap it in once checked.
+        Not retried: a reload is not idempotent."""
+        headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+        r = self.http.post(f"/v1/models/{name}/reload", json={"weights": weights} if weights else None,
+                           headers=headers)
+        r.raise_for_status()
+        return r.json()
 
     def _async_twin(self) -> AsyncHttpDetectorClient:
         return AsyncHttpDetectorClient(**self._settings)
@@ -194,23 +208,28 @@ class AsyncHttpDetectorClient(_Http, _AsyncClient):
 
     async def detect(self, image: ImageInput, score_threshold: float | None = None,
                      max_detections: int | None = None, classes: Sequence[str] | None = None,
-                     timeout_ms: float | None = None, content_type: str = "image/jpeg", *,
+                     timeout_ms: float | None = None, content_type: str = "image/jpeg", model: str | None = None, *,
                      timeout: float | None = None) -> dict:
         params = dict(score_threshold=score_threshold, max_detections=max_detections, classes=classes,
                       timeout_ms=timeout_ms)
         data = await asyncio.to_thread(_image_bytes, image)  # file reads stay off the event loop
-        return (await self._send(self._post_image("/detect", data, content_type, params), timeout)).json()
+        return (await self._send(self._post_image(_detect_path(model), data, content_type, params), timeout)).json()
 
     async def render(self, image: ImageInput, score_threshold: float | None = None,
                      max_detections: int | None = None, classes: Sequence[str] | None = None,
-                     timeout_ms: float | None = None, *, timeout: float | None = None) -> bytes:
+                     timeout_ms: float | None = None, model: str | None = None, *,
+                     timeout: float | None = None) -> bytes:
         params = dict(score_threshold=score_threshold, max_detections=max_detections, classes=classes,
                       timeout_ms=timeout_ms)
         data = await asyncio.to_thread(_image_bytes, image)
-        return (await self._send(self._post_image("/detect/render", data, "image/jpeg", params), timeout)).content
+        return (await self._send(self._post_image(_detect_path(model) + "/render", data, "image/jpeg", params),
+                                 timeout)).content
 
-    async def model(self, *, timeout: float | None = None) -> dict:
-        return (await self._send(self._get("/v1/model"), timeout)).json()
+    async def model(self, name: str | None = None, *, timeout: float | None = None) -> dict:
+        return (await self._send(self._get(_model_path(name)), timeout)).json()
+
+    async def models(self, *, timeout: float | None = None) -> list[dict]:
+        return (await self._send(self._get("/v1/models"), timeout)).json()["models"]
 
 
 
@@ -219,7 +238,8 @@ def response_to_dict(resp) -> dict:
     t = resp.timing
     return {
         "width": resp.width, "height": resp.height,
-        "model": {"name": resp.model.name, "size": resp.model.size, "version": resp.model.version},
+        "model": {"name": resp.model.name, "size": resp.model.size, "version": resp.model.version,
+                  "model": resp.model.model},
         "detections": [{"box": [round(v, 2) for v in (d.box.x1, d.box.y1, d.box.x2, d.box.y2)],
                         "score": round(d.score, 4), "label": d.label, "class_name": d.class_name}
                        for d in resp.detections],
@@ -231,7 +251,15 @@ def response_to_dict(resp) -> dict:
 
 def model_info_to_dict(info) -> dict:
     from google.protobuf.json_format import MessageToDict
-    return MessageToDict(info, preserving_proto_field_name=True)
+    return MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _detect_path(model: str | None) -> str:
+    return f"/v1/models/{model}/detect" if model else "/detect"
+
+
+def _model_path(model: str | None) -> str:
+    return f"/v1/models/{model}" if model else "/v1/model"
 
 
 class _Grpc:
@@ -262,10 +290,10 @@ class _Grpc:
 
     def request(self, image: ImageInput | np.ndarray, score_threshold: float | None = None,
                 max_detections: int | None = None, classes: Sequence[str] | None = None, request_id: str = "",
-                rgb: bool = False):
+                rgb: bool = False, model: str | None = None):
         """A DetectRequest: encoded bytes (or a path), or a decoded uint8 array sent as raw pixels."""
         pb = self.pb
-        req = pb.DetectRequest(classes=list(classes or ()), request_id=request_id)
+        req = pb.DetectRequest(classes=list(classes or ()), request_id=request_id, model=model or "")
         if isinstance(image, np.ndarray):
             arr = np.ascontiguousarray(image, dtype=np.uint8)
             channels = 1 if arr.ndim == 2 else arr.shape[2]
@@ -312,8 +340,13 @@ class GrpcDetectorClient(_Grpc, _SyncClient):
         except grpc.RpcError as exc:
             raise grpc_error(exc) from exc
 
-    def model(self, timeout: float | None = None) -> dict:
-        return model_info_to_dict(self._call(self.stub.GetModelInfo, self.pb.GetModelInfoRequest(), timeout))
+    def model(self, name: str | None = None, timeout: float | None = None) -> dict:
+        return model_info_to_dict(self._call(self.stub.GetModelInfo, self.pb.GetModelInfoRequest(model=name or ""),
+                                             timeout))
+
+    def models(self, timeout: float | None = None) -> list[dict]:
+        listing = self._call(self.stub.ListModels, self.pb.ListModelsRequest(), timeout)
+        return [model_info_to_dict(m) for m in listing.models]
 
     def _async_twin(self) -> AsyncGrpcDetectorClient:
         return AsyncGrpcDetectorClient(**self._settings)
@@ -343,6 +376,11 @@ class AsyncGrpcDetectorClient(_Grpc, _AsyncClient):
     async def detect(self, image, timeout: float | None = None, **params) -> dict:
         return response_to_dict(await self.detect_pb(image, timeout=timeout, **params))
 
-    async def model(self, timeout: float | None = None) -> dict:
-        return model_info_to_dict(await self._call(self.stub.GetModelInfo, self.pb.GetModelInfoRequest(), timeout))
+    async def model(self, name: str | None = None, timeout: float | None = None) -> dict:
+        return model_info_to_dict(await self._call(self.stub.GetModelInfo,
+                                                   self.pb.GetModelInfoRequest(model=name or ""), timeout))
+
+    async def models(self, timeout: float | None = None) -> list[dict]:
+        listing = await self._call(self.stub.ListModels, self.pb.ListModelsRequest(), timeout)
+        return [model_info_to_dict(m) for m in listing.models]
 

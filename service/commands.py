@@ -23,6 +23,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", choices=SIZES)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     add_weights_key_argument(p)
+    p.add_argument("--model", action="append", metavar="NAME=PATH[,size=S][,img_size=N][,backend=B]",
+                   help="serve this model under NAME (repeatable; the first is the default)")
+    p.add_argument("--model-repository", type=Path, metavar="DIR",
+                   help="serve every model in DIR/<model>/<version>/ (SIGHUP re-reads it)")
     p.set_defaults(func=run_serve)
 
 
@@ -30,18 +34,29 @@ def settings_from_args(args: argparse.Namespace):
     from pydantic import ValidationError
 
     from model.errors import UserError
+    from service.registry import parse_model_option
     from service.settings import ServiceSettings
 
     overrides = {k: v for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
                                    "weights": args.weights, "size": args.size, "device": args.device,
-                                   "weights_key": getattr(args, "weights_key", None)}.items()
+                                   "weights_key": getattr(args, "weights_key", None),
+                                   "model_repository": getattr(args, "model_repository", None)}.items()
                  if v is not None}
     try:
-        return ServiceSettings(**overrides)
+        settings = ServiceSettings(**overrides)
+        if getattr(args, "model", None):
+            specs = [parse_model_option(text, settings) for text in args.model]
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"--model: each name once, got {names}")
+            settings = settings.model_copy(update={"models": specs})
+        return settings
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))} (RTMDET_{str(e['loc'][0]).upper()} or its flag): "
                              f"{e['msg']} (got {e.get('input')!r})" for e in exc.errors())
         raise UserError(f"bad settings: {problems}") from None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -56,9 +71,11 @@ def add_client(sub: argparse._SubParsersAction) -> None:
                                    "at a time, and writes one JSON line per image, in input order: "
                                    '{"file": ..., "detections": [...]} or {"file": ..., "error": ..., "status": ...}. '
                                    "Exit code 1 if any image failed, 2 if the inputs are unusable.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, or globs")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders of images, or globs")
     p.add_argument("--protocol", choices=("http", "grpc"), default="http")
     p.add_argument("--grpc", action="store_true", help="same as --protocol grpc")
+    p.add_argument("--model", help="a served model's name (default: the server's default model)")
+    p.add_argument("--list-models", action="store_true", help="print the served models instead of detecting")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP base URL")
     p.add_argument("--target", default="127.0.0.1:50051", help="gRPC host:port")
     p.add_argument("--api-key", default=os.environ.get("RTMDET_API_KEY"))
@@ -79,10 +96,14 @@ def add_client(sub: argparse._SubParsersAction) -> None:
 def run_client(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from service.client import DetectorError, GrpcDetectorClient, HttpDetectorClient, RetryPolicy
+    from service.client import DetectorError
     from service.client_cli import CocoIds, InputError, expand_inputs, summary
 
+    if args.list_models:
+        return _list_models(args)
     try:
+        if not args.inputs:
+            raise InputError("give images (files, folders or globs), or --list-models")
         files = expand_inputs(args.inputs)
         coco = None
         if args.coco_results:
@@ -90,19 +111,16 @@ def run_client(args: argparse.Namespace) -> int:
     except InputError as exc:
         print(f"rtmdet client: error: {exc}", file=sys.stderr)
         return 2
-    retry = RetryPolicy(max_attempts=args.attempts)
-    if args.grpc or args.protocol == "grpc":
-        client = GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout, retry=retry)
-    else:
-        client = HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout, retry=retry)
-    params = dict(score_threshold=args.score_threshold, max_detections=args.max_detections, classes=args.classes)
+    client = _client(args)
+    params = dict(score_threshold=args.score_threshold, max_detections=args.max_detections, classes=args.classes,
+                  model=args.model)
     # JSON lines go to --out, else stdout unless the COCO file is the output asked for.
     lines = open(args.out, "w") if args.out else (None if coco else sys.stdout)  # noqa: SIM115 (closed below)
     failed, first_failure, coco_entries = 0, None, []
     try:
         with client:
             if coco is not None and coco.category_ids is not None:
-                coco.check_classes(client.model()["classes"])
+                coco.check_classes(client.model(args.model)["classes"])
             with tqdm(total=len(files), file=sys.stderr, unit="img", disable=None) as bar:
                 for result in client.detect_many([(str(f), f) for f in files], concurrency=args.concurrency,
                                                  **params):
@@ -130,3 +148,27 @@ def run_client(args: argparse.Namespace) -> int:
         args.coco_results.write_text(json.dumps(coco_entries))
     print(summary(len(files), failed, first_failure), file=sys.stderr)
     return 1 if failed else 0
+
+
+def _client(args: argparse.Namespace):
+    from service.client import GrpcDetectorClient, HttpDetectorClient, RetryPolicy
+
+    retry = RetryPolicy(max_attempts=args.attempts)
+    if args.grpc or args.protocol == "grpc":
+        return GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout, retry=retry)
+    return HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout, retry=retry)
+
+
+def _list_models(args: argparse.Namespace) -> int:
+    from service.client import DetectorError
+    from service.schemas import ModelInfo
+
+    try:
+        with _client(args) as client:
+            # Typed both ways: the HTTP JSON and the gRPC message read into the same ModelInfo.
+            models = [ModelInfo.model_validate(m).model_dump(mode="json") for m in client.models()]
+    except DetectorError as exc:
+        print(f"rtmdet client: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(models, indent=2))
+    return 0

@@ -1,6 +1,6 @@
 """Injectable faults in the model step, for the reliability tests (never set in production).
 
-`RTMDET_FAULT_INJECTION` (JSON, e.g. `{"oom_above_batch": 2}`) wraps the backend so that its `forward`
+`RTMDET_FAULT_INJECTION` (JSON, e.g. `{"oom_above_batch": 2}`) wraps the runner so that its `forward`
 fails the way real hardware does, through the same code paths a real failure takes:
 
 - `oom_above_batch: N`: a batch of more than N images raises `torch.OutOfMemoryError` (what CUDA raises
@@ -42,8 +42,8 @@ def _consume(trigger: Path | None) -> bool:
     return True
 
 
-class FaultInjectingBackend:
-    """Delegates everything to `inner`; only `forward` can fail."""
+class FaultInjectingRunner:
+    """Delegates everything to the inner runner; only `forward` can fail."""
 
     def __init__(self, inner, faults: FaultInjection) -> None:
         self.inner = inner
@@ -51,10 +51,10 @@ class FaultInjectingBackend:
         self.forward_calls = 0
         log.warning("fault injection is ON: %s", faults.model_dump_json(exclude_none=True))
 
-    def __getattr__(self, name):  # preprocess, postprocess, describe, is_ready, warmup, test_config, ...
+    def __getattr__(self, name):  # info, device, warmup, is_ready, close
         return getattr(self.inner, name)
 
-    def forward(self, batch: torch.Tensor):
+    def forward(self, batch: torch.Tensor):  # -> the inner runner's outputs
         self.forward_calls += 1
         f = self.faults
         if _consume(f.hang_trigger):

@@ -1,8 +1,11 @@
-"""gRPC (grpc.aio): rtmdet.v1.Detector over the same pipeline as HTTP, plus health and reflection."""
+"""gRPC (grpc.aio): rtmdet.v1.Detector over the same pipeline as HTTP, plus health and reflection.
+
+Errors, auth and metrics are the shared ones (`service.errors`, `service.auth`, `service.metrics`); responses
+are built from the same pydantic objects as the JSON, so both protocols say the same thing.
+"""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 
 import grpc
@@ -10,30 +13,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from service.batcher import BatchFailed, DeadlineExceeded, NotAccepting, QueueFull
-from service.imaging import ImageError
-from service.pipeline import DetectionService, DetectOutcome, InvalidRequest
+from service.auth import check_bearer
+from service.errors import InvalidRequest, ServiceError, Unauthorized
+from service.metrics import RequestRecord
+from service.pipeline import DetectionService, DetectOutcome
 from service.proto_gen.rtmdet.v1 import detector_pb2 as pb
 from service.proto_gen.rtmdet.v1 import detector_pb2_grpc as pb_grpc
+from service.schemas import DetectQuery, ModelInfo
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name  # "rtmdet.v1.Detector"
 MESSAGE_OVERHEAD = 64 * 1024
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status that answers a failed request, mirroring the HTTP codes."""
-    if isinstance(exc, ImageError):
+    """The gRPC status that answers a failed request: the one its `ServiceError` names."""
+    if isinstance(exc, ServiceError):
         return grpc.StatusCode[exc.grpc_code], str(exc)
-    if isinstance(exc, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, DeadlineExceeded):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
-    if isinstance(exc, NotAccepting):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, BatchFailed):
-        return grpc.StatusCode.INTERNAL, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
@@ -43,12 +38,12 @@ class RequestFailed(Exception):
         self.code, self.details = code, details
 
 
-def response_from(out: DetectOutcome, info: dict, request_id: str) -> pb.DetectResponse:
+def response_from(out: DetectOutcome, request_id: str) -> pb.DetectResponse:
     d, t = out.detections, out.times
     ms = 1000.0
     return pb.DetectResponse(
         width=out.width, height=out.height, request_id=request_id,
-        model=pb.ModelSummary(name=info["name"], size=info["size"], version=info["version"]),
+        model=pb.ModelSummary(name=out.network, size=out.size, version=out.version, model=out.model),
         detections=[pb.Detection(box=pb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]), score=float(s), label=int(lbl),
                                  class_name=n)
                     for b, s, lbl, n in zip(d.boxes.tolist(), d.scores, d.labels, d.class_names)],
@@ -57,34 +52,45 @@ def response_from(out: DetectOutcome, info: dict, request_id: str) -> pb.DetectR
                          total_ms=(time.perf_counter() - out.started) * ms, batch_size=t.batch_size))
 
 
+def model_info_message(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(name=info.name, size=info.size, version=info.version, classes=info.classes,
+                        input_size=info.input_size, device=info.device, dtype=info.dtype,
+                        weights_sha256=info.weights_sha256 or "", backend=info.backend, model=info.model,
+                        state=info.state, default=info.default, error=info.error or "")
+
+
 class DetectorServicer(pb_grpc.DetectorServicer):
     def __init__(self, service: DetectionService) -> None:
         self.service = service
         self.metrics = service.metrics
 
-    async def _detect(self, request: pb.DetectRequest, deadline: float | None) -> pb.DetectResponse:
+    async def _detect(self, request: pb.DetectRequest, deadline: float | None,
+                      record: RequestRecord) -> pb.DetectResponse:
         svc = self.service
-        params = svc.params(request.score_threshold if request.HasField("score_threshold") else None,
-                            request.max_detections if request.HasField("max_detections") else None,
-                            list(request.classes))
+        model = svc.registry.slot(request.model or None).name  # NOT_FOUND naming the known ones
+        record.model = model
+        # Unvalidated here: `DetectionService.params` checks the ranges and answers INVALID_ARGUMENT.
+        query = DetectQuery.model_construct(
+            score_threshold=request.score_threshold if request.HasField("score_threshold") else None,
+            max_detections=request.max_detections if request.HasField("max_detections") else None,
+            classes=list(request.classes))
         kind = request.WhichOneof("image")
         if kind == "encoded":
-            out = await svc.detect_encoded(request.encoded, params, deadline)
+            out = await svc.detect_encoded(model, request.encoded, query, deadline)
         elif kind == "raw":
             r = request.raw
-            out = await svc.detect_raw(r.data, r.height, r.width, r.channels,
-                                       r.channel_order == pb.CHANNEL_ORDER_RGB, params, deadline)
+            out = await svc.detect_raw(model, r.data, r.height, r.width, r.channels,
+                                       r.channel_order == pb.CHANNEL_ORDER_RGB, query, deadline)
         else:
             raise InvalidRequest("the request carries no image: set `encoded` or `raw`")
-        return response_from(out, svc.describe(), request.request_id)
+        return response_from(out, request.request_id)
 
     async def _counted(self, endpoint: str, request: pb.DetectRequest, deadline: float | None) -> pb.DetectResponse:
         """One detection, recorded in the metrics; failures come back as RequestFailed."""
-        t0 = time.perf_counter()
+        record = RequestRecord(self.metrics, "grpc", endpoint)
         code = grpc.StatusCode.OK
-        self.metrics.in_flight.labels(protocol="grpc").inc()
         try:
-            return await self._detect(request, deadline)
+            return await self._detect(request, deadline, record)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -92,9 +98,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
             code, details = status_for(exc)
             raise RequestFailed(code, details) from None
         finally:
-            self.metrics.in_flight.labels(protocol="grpc").dec()
-            self.metrics.request_latency.labels(protocol="grpc", endpoint=endpoint).observe(time.perf_counter() - t0)
-            self.metrics.requests.labels(protocol="grpc", endpoint=endpoint, status=code.name).inc()
+            record.finish(code.name)
 
     @staticmethod
     def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -141,33 +145,38 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 
     async def GetModelInfo(self, request, context):
         try:
-            info = self.service.describe()
-        except NotAccepting as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        return pb.ModelInfo(name=info["name"], size=info["size"], version=info["version"],
-                            classes=info["classes"], input_size=int(info["input_size"]), device=info["device"],
-                            dtype=info["dtype"], weights_sha256=info.get("weights_sha256") or "",
-                            backend=info.get("backend", ""))
+            info = self.service.model_info(request.model or None)
+        except ServiceError as exc:
+            await context.abort(*status_for(exc))
+        if info.state != "ready":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"model {info.model!r} is not ready ({info.state})")
+        return model_info_message(info)
+
+    async def ListModels(self, request, context):
+        listing = self.service.model_list()
+        return pb.ListModelsResponse(default_model=listing.default,
+                                     models=[model_info_message(m) for m in listing.models])
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Detector calls need `authorization: Bearer <key>` metadata; health and reflection stay open."""
 
     def __init__(self, api_key: str) -> None:
-        self._key = api_key.encode()
+        self._key = api_key
 
     async def intercept_service(self, continuation, details):
         if not details.method.startswith(f"/{SERVICE_NAME}/"):
             return await continuation(details)
         meta = {k: v for k, v in (details.invocation_metadata or ())}
-        scheme, _, token = str(meta.get("authorization", "")).partition(" ")
-        if scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self._key):
+        try:
+            check_bearer(str(meta.get("authorization", "")), self._key, where="metadata `authorization`")
             return await continuation(details)
+        except Unauthorized as exc:
+            code, message = status_for(exc)
         handler = await continuation(details)
-        message = "missing or wrong API key; send metadata `authorization: Bearer <key>`"
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            await context.abort(code, message)
 
         if handler is not None and handler.request_streaming:
             return grpc.stream_stream_rpc_method_handler(deny, handler.request_deserializer,

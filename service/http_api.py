@@ -1,47 +1,58 @@
-"""FastAPI routes: POST /detect, POST /detect/render, health, readiness, metrics, model info."""
+"""FastAPI routes: detection (default model and by name), models, health, readiness, metrics.
+
+One `APIRouter`; the service reaches routes through `Depends(get_service)`, query parameters through the
+pydantic `DetectQuery`, errors through one handler that reads each `ServiceError`'s HTTP status.
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
+from pathlib import Path
+from typing import Annotated
 
 import cv2
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from model.render import draw_detections
-from service.batcher import BatchFailed, DeadlineExceeded, NotAccepting, QueueFull
-from service.imaging import ImageError, ImageTooLarge, NotAnImage, check_content_type
-from service.metrics import CONTENT_TYPE
-from service.pipeline import DetectionService, DetectOutcome, InvalidRequest
-from service.schemas import DetectResponse, ErrorResponse, ModelInfo, ModelSummary, Status, detections_from, timing_from
+from service.auth import check_bearer
+from service.errors import BatchFailed, BodyTimeout, ServiceError
+from service.imaging import ImageTooLarge, NotAnImage, check_content_type
+from service.metrics import CONTENT_TYPE, RequestRecord
+from service.pipeline import DetectionService, DetectOutcome
+from service.schemas import (
+    DetectQuery,
+    DetectResponse,
+    ErrorResponse,
+    ModelInfo,
+    ModelList,
+    ReloadRequest,
+    Status,
+    detect_response,
+)
 from service.web_ui import web_ui_router
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the image's own bytes
-DETECT_ENDPOINTS = ("/detect", "/detect/render")
-KNOWN_ENDPOINTS = frozenset({*DETECT_ENDPOINTS, "/healthz", "/readyz", "/metrics", "/v1/model"})
 IMAGE_BODY = {"schema": {"type": "string", "format": "binary"}}
 DETECT_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
                                        "properties": {"image": {"type": "string", "format": "binary"}}}},
     "image/jpeg": IMAGE_BODY, "image/png": IMAGE_BODY, "image/webp": IMAGE_BODY, "image/bmp": IMAGE_BODY}}}
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 408, 413, 415, 500, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 415, 500, 503, 504)}
+MODEL_SCOPE_KEY = "rtmdet.model"  # the model a request was routed to, for the metrics' `model` label
 
 
-class Unauthorized(Exception):
-    pass
-
-
-class BodyTimeout(Exception):
-    """The request body did not arrive before the request's deadline (a slow or stalled upload)."""
+def is_detect_path(path: str) -> bool:
+    return path in ("/detect", "/detect/render") or (path.startswith("/v1/models/")
+                                                      and path.endswith(("/detect", "/detect/render")))
 
 
 class MetricsMiddleware:
-    """Counts and times every request by endpoint and status (pure ASGI: no body buffering)."""
+    """Counts and times every request by route and status (pure ASGI: no body buffering)."""
 
     def __init__(self, app, service: DetectionService) -> None:
         self.app = app
@@ -50,8 +61,6 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        endpoint = path if path in KNOWN_ENDPOINTS else "other"
         status = {"code": 500}
 
         async def send_and_record(message):
@@ -59,17 +68,14 @@ class MetricsMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
-        counted = endpoint in DETECT_ENDPOINTS
-        if counted:
-            self.metrics.in_flight.labels(protocol="http").inc()
-        t0 = time.perf_counter()
+        record = RequestRecord(self.metrics, "http", "other", in_flight=is_detect_path(scope["path"]))
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            if counted:
-                self.metrics.in_flight.labels(protocol="http").dec()
-            self.metrics.request_latency.labels(protocol="http", endpoint=endpoint).observe(time.perf_counter() - t0)
-            self.metrics.requests.labels(protocol="http", endpoint=endpoint, status=str(status["code"])).inc()
+            route = scope.get("route")  # set by FastAPI's routing: the template, so labels stay few
+            record.endpoint = getattr(route, "path", "other")
+            record.model = scope.get(MODEL_SCOPE_KEY, "")
+            record.finish(str(status["code"]))
 
 
 async def read_capped_body(request: Request, limit: int) -> bytes:
@@ -109,31 +115,174 @@ async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
     return await read_capped_body(request, max_bytes)
 
 
-def error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+# -- dependencies ---------------------------------------------------------------------------------------
+def get_service(request: Request) -> DetectionService:
+    return request.app.state.service
+
+
+Service = Annotated[DetectionService, Depends(get_service)]
+
+
+def require_api_key(request: Request, service: Service) -> None:
+    check_bearer(request.headers.get("authorization"), service.settings.api_key_value())
+
+
+def require_admin_key(request: Request, service: Service) -> None:
+    """Reload and unload: the admin key when one is set, else the API key (if any)."""
+    s = service.settings
+    check_bearer(request.headers.get("authorization"), s.admin_key_value() or s.api_key_value(), what="admin key")
+
+
+def route_to(request: Request, service: DetectionService, name: str | None) -> str:
+    slot = service.registry.slot(name)  # 404 naming the known ones when there is none by that name
+    request.scope[MODEL_SCOPE_KEY] = slot.name
+    return slot.name
+
+
+def named_model(request: Request, service: Service, name: str) -> str:
+    return route_to(request, service, name)
+
+
+def default_model(request: Request, service: Service) -> str:
+    return route_to(request, service, None)
+
+
+ModelName = Annotated[str, Depends(named_model)]
+DefaultModel = Annotated[str, Depends(default_model)]
+Query_ = Annotated[DetectQuery, Query()]
+
+router = APIRouter()
+detect_routes = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+
+async def run_detection(request: Request, service: DetectionService, model: str, query: DetectQuery) -> DetectOutcome:
+    s = service.settings
+    seconds = query.timeout_ms / 1000.0 if query.timeout_ms is not None else s.request_timeout_s
+    deadline = time.monotonic() + seconds
+    # The upload gets the server's request timeout (not the client's `timeout_ms`, which is about waiting
+    # for inference), so a client that trickles its body (slowloris) is cut off and its connection
+    # released; it never holds a queue slot (admission comes after the read).
+    try:
+        data = await asyncio.wait_for(read_image_bytes(request, s.max_upload_bytes), s.request_timeout_s)
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {s.request_timeout_s:g} s "
+                          "(RTMDET_REQUEST_TIMEOUT_S)") from None
+    return await service.detect_encoded(model, data, query, deadline)
+
+
+async def render(service: DetectionService, out: DetectOutcome) -> Response:
+    def encode() -> bytes:
+        ok, buf = cv2.imencode(".jpg", draw_detections(out.image, out.detections), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if not ok:
+            raise BatchFailed("could not encode the rendered image")
+        return buf.tobytes()
+
+    return Response(await asyncio.get_running_loop().run_in_executor(service.pool, encode), media_type="image/jpeg")
+
+
+RENDERED = {200: {"content": {"image/jpeg": {}}}}
+
+
+@detect_routes.post("/detect", response_model=DetectResponse, openapi_extra=DETECT_BODY,
+                    summary="Detect objects in one image (the default model)")
+async def detect(request: Request, service: Service, model: DefaultModel, query: Query_) -> DetectResponse:
+    return detect_response(await run_detection(request, service, model, query))
+
+
+@detect_routes.post("/detect/render", response_class=Response, responses=RENDERED, openapi_extra=DETECT_BODY,
+                    summary="The image back as JPEG with the default model's detections drawn")
+async def detect_render(request: Request, service: Service, model: DefaultModel, query: Query_) -> Response:
+    return await render(service, await run_detection(request, service, model, query))
+
+
+@detect_routes.post("/v1/models/{name}/detect", response_model=DetectResponse, openapi_extra=DETECT_BODY,
+                    summary="Detect objects in one image with the named model")
+async def detect_with(request: Request, service: Service, model: ModelName, query: Query_) -> DetectResponse:
+    return detect_response(await run_detection(request, service, model, query))
+
+
+@detect_routes.post("/v1/models/{name}/detect/render", response_class=Response, responses=RENDERED,
+                    openapi_extra=DETECT_BODY, summary="The image back as JPEG with the named model's detections")
+async def detect_render_with(request: Request, service: Service, model: ModelName, query: Query_) -> Response:
+    return await render(service, await run_detection(request, service, model, query))
+
+
+@detect_routes.get("/v1/model", response_model=ModelInfo, summary="The default model")
+async def default_model_info(service: Service, model: DefaultModel) -> ModelInfo:
+    return service.model_info(model)
+
+
+@detect_routes.get("/v1/models", response_model=ModelList, summary="Every model this server has")
+async def list_models(service: Service) -> ModelList:
+    return service.model_list()
+
+
+@detect_routes.get("/v1/models/{name}", response_model=ModelInfo, summary="One model")
+async def model_info(service: Service, model: ModelName) -> ModelInfo:
+    return service.model_info(model)
+
+
+@router.get("/v1/models/{name}/ready", response_model=Status, responses={503: {"model": Status}, **ERRORS},
+            summary="The named model is loaded, warmed and serving")
+async def model_ready(service: Service, model: ModelName):
+    if service.is_ready(model):
+        return Status(status="ready")
+    return JSONResponse({"status": service.not_ready_reason(model)}, status_code=503)
+
+
+admin_routes = APIRouter(dependencies=[Depends(require_admin_key)], responses={**ERRORS, 422: {"model": ErrorResponse}})
+
+
+@admin_routes.post("/v1/models/{name}/reload", response_model=ModelInfo,
+                   summary="Load a new version beside the current one, check it, then swap it in")
+async def reload_model(service: Service, model: ModelName,
+                       body: Annotated[ReloadRequest | None, Body()] = None) -> ModelInfo:
+    weights = Path(body.weights) if body is not None and body.weights else None
+    await asyncio.to_thread(service.registry.reload, model, weights)
+    return service.model_info(model)
+
+
+@admin_routes.post("/v1/models/{name}/unload", response_model=ModelInfo, summary="Stop serving the model")
+async def unload_model(service: Service, model: ModelName) -> ModelInfo:
+    await asyncio.to_thread(service.registry.unload, model)
+    return service.model_info(model)
+
+
+@router.get("/healthz", response_model=Status, summary="The process is alive")
+async def healthz() -> Status:
+    return Status(status="ok")
+
+
+@router.get("/readyz", response_model=Status, responses={503: {"model": Status}},
+            summary="Every model is loaded and warmed, and the service is not shutting down")
+async def readyz(service: Service):
+    if service.is_ready():
+        return Status(status="ready")
+    return JSONResponse({"status": service.not_ready_reason()}, status_code=503)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}},
+            summary="Prometheus metrics (both protocols)")
+async def metrics(service: Service) -> Response:
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    handlers = {
-        ImageError: lambda e: error(e.http_status, str(e)),
-        InvalidRequest: lambda e: error(400, str(e)),
-        QueueFull: lambda e: error(503, str(e), {"Retry-After": "1"}),
-        NotAccepting: lambda e: error(503, str(e), {"Retry-After": "1"}),
-        DeadlineExceeded: lambda e: error(504, str(e)),
-        BatchFailed: lambda e: error(500, str(e)),
-        Unauthorized: lambda e: error(401, str(e), {"WWW-Authenticate": "Bearer"}),
-        BodyTimeout: lambda e: error(408, str(e), {"Connection": "close"}),
-        # The client went away mid-upload: nobody will read an answer; 499 (nginx's "client closed request")
-        # only labels it in the metrics, instead of a traceback per disconnect in the log.
-        ClientDisconnect: lambda e: error(499, "client disconnected"),
-    }
-    for exc_type, make in handlers.items():
-        app.add_exception_handler(exc_type, lambda request, exc, make=make: make(exc))
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.http_status, headers=exc.headers or None)
+
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # Nobody will read an answer; 499 (nginx's "client closed request") only labels it in the metrics,
+        # instead of a traceback per disconnect in the log.
+        return JSONResponse({"detail": "client disconnected"}, status_code=499)
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
 
 
 def create_app(service: DetectionService, manage_lifecycle: bool = True) -> FastAPI:
-    """The FastAPI app. With `manage_lifecycle` its lifespan loads and warms the model (in the
-    background, so /healthz answers at once and /readyz once warm) and stops the worker at exit;
+    """The FastAPI app. With `manage_lifecycle` its lifespan loads and warms the models (in the
+    background, so /healthz answers at once and /readyz once warm) and stops the workers at exit;
     `service.server` passes False because it owns both protocols' lifecycle."""
 
     @contextlib.asynccontextmanager
@@ -144,101 +293,17 @@ def create_app(service: DetectionService, manage_lifecycle: bool = True) -> Fast
         if manage_lifecycle:
             service.shutdown()
 
-    settings = service.settings
     app = FastAPI(title="rtmdet-serve", version="1", lifespan=lifespan,
-                  description="RTMDet object detection over one dynamic batcher (HTTP and gRPC).")
-    if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                  description="RTMDet object detection: several models, each behind its own dynamic batcher "
+                              "(HTTP and gRPC).")
+    app.state.service = service
+    if service.settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=service.settings.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(MetricsMiddleware, service=service)
     install_error_handlers(app)
-    app.include_router(web_ui_router(settings))
-    api_key = settings.api_key_value()
-
-    async def require_api_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise Unauthorized("missing or wrong API key; send `Authorization: Bearer <key>`")
-
-    def deadline_from(timeout_ms: float | None) -> float:
-        seconds = timeout_ms / 1000.0 if timeout_ms is not None else settings.request_timeout_s
-        return time.monotonic() + seconds
-
-    async def run_detection(request: Request, score_threshold, max_detections, classes, timeout_ms) -> DetectOutcome:
-        deadline = deadline_from(timeout_ms)
-        params = service.params(score_threshold, max_detections, classes)
-        # The upload gets the server's request timeout (not the client's `timeout_ms`, which is about waiting
-        # for inference), so a client that trickles its body (slowloris) is cut off and its connection
-        # released; it never holds a queue slot (admission comes after the read).
-        try:
-            data = await asyncio.wait_for(read_image_bytes(request, settings.max_upload_bytes),
-                                          settings.request_timeout_s)
-        except TimeoutError:
-            raise BodyTimeout(f"the request body did not arrive within {settings.request_timeout_s:g} s "
-                              "(RTMDET_REQUEST_TIMEOUT_S)") from None
-        return await service.detect_encoded(data, params, deadline)
-
-    detect_query = dict(
-        score_threshold=Query(None, ge=0.0, le=1.0, description="keep detections scoring above this"),
-        max_detections=Query(None, ge=1, description="at most this many detections, best first"),
-        classes=Query(None, description="class names to keep (repeat, or comma-separate)"),
-        timeout_ms=Query(None, gt=0, le=86_400_000,
-                         description="deadline for this request; default RTMDET_REQUEST_TIMEOUT_S"),
-    )
-
-    @app.post("/detect", response_model=DetectResponse, responses=ERRORS, openapi_extra=DETECT_BODY,
-              dependencies=[Depends(require_api_key)], summary="Detect objects in one image")
-    async def detect(request: Request, score_threshold: float | None = detect_query["score_threshold"],
-                     max_detections: int | None = detect_query["max_detections"],
-                     classes: list[str] | None = detect_query["classes"],
-                     timeout_ms: float | None = detect_query["timeout_ms"]) -> DetectResponse:
-        out = await run_detection(request, score_threshold, max_detections, classes, timeout_ms)
-        info = service.describe()
-        return DetectResponse(width=out.width, height=out.height,
-                              model=ModelSummary(name=info["name"], size=info["size"], version=info["version"]),
-                              detections=detections_from(out.detections),
-                              timing=timing_from(out.times, time.perf_counter() - out.started))
-
-    @app.post("/detect/render", response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
-              openapi_extra=DETECT_BODY, dependencies=[Depends(require_api_key)],
-              summary="The image back as JPEG with the detections drawn")
-    async def detect_render(request: Request, score_threshold: float | None = detect_query["score_threshold"],
-                            max_detections: int | None = detect_query["max_detections"],
-                            classes: list[str] | None = detect_query["classes"],
-                            timeout_ms: float | None = detect_query["timeout_ms"]) -> Response:
-        out = await run_detection(request, score_threshold, max_detections, classes, timeout_ms)
-
-        def encode() -> bytes:
-            ok, buf = cv2.imencode(".jpg", draw_detections(out.image, out.detections), [cv2.IMWRITE_JPEG_QUALITY, 90])
-            if not ok:
-                raise BatchFailed("could not encode the rendered image")
-            return buf.tobytes()
-
-        jpeg = await asyncio.get_running_loop().run_in_executor(service.pool, encode)
-        return Response(jpeg, media_type="image/jpeg")
-
-    @app.get("/healthz", response_model=Status, summary="The process is alive")
-    async def healthz() -> Status:
-        return Status(status="ok")
-
-    @app.get("/readyz", response_model=Status, responses={503: {"model": Status}},
-             summary="The model is loaded and warmed, and the service is not shutting down")
-    async def readyz():
-        if service.is_ready():
-            return Status(status="ready")
-        return JSONResponse({"status": service.not_ready_reason()}, status_code=503)
-
-    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}},
-             summary="Prometheus metrics (both protocols)")
-    async def metrics() -> Response:
-        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
-
-    @app.get("/v1/model", response_model=ModelInfo, responses=ERRORS, dependencies=[Depends(require_api_key)],
-             summary="The model being served")
-    async def model_info() -> ModelInfo:
-        return ModelInfo(**service.describe())
-
+    app.include_router(web_ui_router(service.settings))
+    app.include_router(router)
+    app.include_router(detect_routes)
+    app.include_router(admin_routes)
     return app

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from model.config import PAD_VALUE
+from service.errors import InvalidRequest
 
 SUPPORTED_FORMATS = ("jpeg", "png", "webp", "bmp")
 PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP"}
@@ -27,11 +28,8 @@ _OTHER_SIGNATURES = ((b"GIF87a", "gif"), (b"GIF89a", "gif"), (b"II*\x00", "tiff"
                      (b"\x00\x00\x00\x0cJXL ", "jpeg-xl"))
 
 
-class ImageError(ValueError):
+class ImageError(InvalidRequest):
     """A request image we refuse; `http_status` and `grpc_code` say how each protocol answers."""
-
-    http_status = 400
-    grpc_code = "INVALID_ARGUMENT"
 
 
 class EmptyImage(ImageError):

@@ -1,31 +1,29 @@
 """The detection service's core, shared by HTTP and gRPC: bytes -> decode -> letterbox -> batcher -> detections.
 
-Decoding and letterboxing run on a thread pool sized to the cores (never on the event loop);
-inference runs on the batcher's one worker thread.
+Decoding and letterboxing run on a thread pool sized to the cores (never on the event loop); inference runs
+on the batcher of the model version the request leased (see `service.registry`).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from model.inference.detector import Detections
-from service.backends import Backend, create_backend
-from service.batcher import DeadlineExceeded, DetectParams, DynamicBatcher, NotAccepting, StageTimes
+from model.inference.detections import Detections, DetectParams
+from service.batcher import StageTimes
+from service.errors import DeadlineExceeded, InvalidRequest
 from service.imaging import decode_image, raw_to_bgr
 from service.metrics import ServiceMetrics
+from service.registry import ModelRegistry, ModelVersion
+from service.schemas import DetectQuery, ModelInfo, ModelList
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
-
-
-class InvalidRequest(ValueError):
-    """A request parameter we cannot honour (HTTP 400, gRPC INVALID_ARGUMENT)."""
 
 
 @dataclass
@@ -34,6 +32,10 @@ class DetectOutcome:
     image: np.ndarray  # the decoded BGR image (for rendering)
     times: StageTimes
     started: float  # time.perf_counter() when the request reached the pipeline
+    model: str
+    version: str
+    network: str  # "rtmdet-tiny", ...
+    size: str
 
     @property
     def height(self) -> int:
@@ -44,56 +46,26 @@ class DetectOutcome:
         return int(self.image.shape[1])
 
 
-def warmup_batch_sizes(max_batch_size: int) -> list[int]:
-    sizes, b = [], 1
-    while b < max_batch_size:
-        sizes.append(b)
-        b *= 2
-    return sizes + [max_batch_size]
-
-
 class DetectionService:
-    """One model behind one batcher; `start()` loads and warms it, `shutdown()` stops the worker."""
+    """The registry of models plus what requests share: the decode pool, the metrics, the drain flag."""
 
-    def __init__(self, settings: ServiceSettings, backend: Backend | None = None,
-                 metrics: ServiceMetrics | None = None) -> None:
+    def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None,
+                 registry: ModelRegistry | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
-        self.backend = backend
-        self.batcher: DynamicBatcher | None = None
+        self.registry = registry or ModelRegistry(settings, self.metrics)
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="rtmdet-decode")
         self.draining = False
+        self.loaded = False  # every start-up model loaded
         self.start_error: str | None = None
         self.log_start_error = True  # `rtmdet serve` turns this off: it reports the failure itself, in one line
-        self._info: dict = {}
-        self._class_index: dict[str, int] = {}
         self._start_task: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def load(self) -> None:
-        """Blocking: build the backend, warm it up, start the batcher."""
-        s = self.settings
-        backend = self.backend or create_backend(s)
-        if s.fault_injection is not None:
-            from service.faults import FaultInjectingBackend
-            backend = FaultInjectingBackend(backend, s.fault_injection)
-        if s.warmup:
-            t0 = time.perf_counter()
-            backend.warmup(warmup_batch_sizes(s.max_batch_size))
-            log.info("warmed up in %.2f s", time.perf_counter() - t0)
-        elif hasattr(backend, "mark_ready"):
-            backend.mark_ready()
-        self.backend = backend
-        info = backend.describe()
-        info["version"] = (info.get("weights_sha256") or "unknown")[:12]
-        self._info = info
-        self._class_index = {name: i for i, name in enumerate(info["classes"])}
-        self.metrics.model_info.info({k: str(info.get(k, "")) for k in
-                                      ("name", "size", "version", "backend", "device", "dtype", "input_size")})
-        batcher = DynamicBatcher(backend, self.metrics, s.max_batch_size, s.max_queue_delay_ms / 1000.0,
-                                 s.max_queue_size, inference_timeout_s=s.inference_timeout_s)
-        batcher.start()
-        self.batcher = batcher
+        """Blocking: load, warm and check every configured model."""
+        self.registry.load_all()
+        self.loaded = True
 
     def start(self) -> asyncio.Task:
         """Load in a thread; the same task for every caller."""
@@ -110,102 +82,132 @@ class DetectionService:
                 log.error("model failed to load: %s", self.start_error)
             raise
 
-    def can_serve(self) -> bool:
-        return (self.batcher is not None and self.batcher.running and self.backend is not None
-                and self.backend.is_ready())
+    def is_ready(self, model: str | None = None) -> bool:
+        """What probes see: not draining, the start-up loads done, and every loaded version (or the one named)
+        able to serve with no model step stuck past the watchdog (so load balancers stop sending new work).
+        A model unloaded on purpose, or one added later whose load failed, does not take the others down."""
+        if self.draining:
+            return False
+        if model is not None:
+            versions = [self.registry.slot(model).current]
+        else:
+            if not self.loaded:
+                return False
+            versions = [s.current for s in self.registry.slots() if s.current is not None]
+        return bool(versions) and all(v is not None and v.can_serve() and v.batcher.stalled == 0 for v in versions)
 
-    def is_ready(self) -> bool:
-        """What probes see: able to serve, not draining and no model step stuck past the watchdog (so
-        load balancers stop sending new work)."""
-        return not self.draining and self.can_serve() and self.batcher.stalled == 0
-
-    def not_ready_reason(self) -> str:
+    def not_ready_reason(self, model: str | None = None) -> str:
         if self.draining:
             return "draining"
         if self.start_error:
             return "failed: " + self.start_error
-        if self.batcher is not None and self.batcher.stalled:
-            return (f"stalled: {self.batcher.stalled} model step(s) stuck past the "
-                    f"{self.settings.inference_timeout_s:g} s inference watchdog")
-        if self.batcher is not None and not self.batcher.running:
-            return "failed: the batch worker stopped"
+        for slot in [self.registry.slot(model)] if model else self.registry.slots():
+            v = slot.current
+            if v is None and model is None and self.loaded:
+                continue  # unloaded on purpose, or added later and failed: not the server's readiness
+            if v is None:
+                return f"{slot.name}: {slot.state}" + (f": {slot.error}" if slot.error else "")
+            if v.batcher.stalled:
+                return (f"stalled: {v.batcher.stalled} model step(s) of {slot.name} stuck past the "
+                        f"{self.settings.inference_timeout_s:g} s inference watchdog")
+            if not v.batcher.running:
+                return f"failed: the batch worker of {slot.name} stopped"
+            if not v.can_serve():
+                return f"{slot.name}: its engine is not ready"
         return "loading"
 
     def shutdown(self) -> None:
         self.draining = True
-        if self.batcher is not None:
-            self.batcher.stop(timeout=30)
+        self.registry.shutdown(timeout=30)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def describe(self) -> dict:
-        if not self._info:
-            raise NotAccepting("the model is still loading")
-        return dict(self._info)
+    # -- what is served ------------------------------------------------------------------------------
+    def model_info(self, name: str | None) -> ModelInfo:
+        slot = self.registry.slot(name)
+        v = slot.current
+        base = dict(model=slot.name, state=slot.state, default=slot.name == self.registry.default_name,
+                    weights=str(slot.spec.weights), error=slot.error)
+        if v is None:
+            return ModelInfo(name="", size=slot.spec.size, version="", classes=[], input_size=0, device="", dtype="",
+                             weights_sha256=None, backend=slot.spec.backend, **base)
+        i = v.detector.info
+        return ModelInfo(name=i.name, size=i.size, version=v.version, classes=list(v.detector.class_names),
+                         input_size=v.detector.input_size, device=i.device, dtype=i.dtype,
+                         weights_sha256=i.weights_sha256, backend=i.backend, **base)
+
+    def model_list(self) -> ModelList:
+        return ModelList(default=self.registry.default_name, models=[self.model_info(n) for n in self.registry.names()])
 
     # -- requests ----------------------------------------------------------------------------------
-    def params(self, score_threshold: float | None = None, max_detections: int | None = None,
-               classes: Sequence[str] | None = None) -> DetectParams:
-        if not self._info:
-            raise NotAccepting("the model is still loading")
+    def params(self, version: ModelVersion, query: DetectQuery) -> DetectParams:
         s = self.settings
-        thr = s.score_threshold if score_threshold is None else float(score_threshold)
+        thr = s.score_threshold if query.score_threshold is None else float(query.score_threshold)
         if not 0.0 <= thr <= 1.0:
             raise InvalidRequest(f"score_threshold must be within [0, 1], got {thr}")
-        top = s.max_detections if max_detections is None else int(max_detections)
+        top = s.max_detections if query.max_detections is None else int(query.max_detections)
         if not 1 <= top <= s.max_detections_limit:
             raise InvalidRequest(f"max_detections must be within [1, {s.max_detections_limit}], got {top}")
         ids = None
-        names = [n.strip() for c in (classes or []) for n in c.split(",") if n.strip()]
+        names = [n.strip() for c in (query.classes or []) for n in c.split(",") if n.strip()]
         if names:
-            unknown = [n for n in names if n not in self._class_index]
+            unknown = [n for n in names if n not in version.class_index]
             if unknown:
-                raise InvalidRequest(f"unknown classes {unknown}; the model knows {list(self._class_index)}")
-            ids = frozenset(self._class_index[n] for n in names)
+                raise InvalidRequest(f"unknown classes {unknown}; model {version.name!r} knows "
+                                     f"{list(version.class_index)}")
+            ids = frozenset(version.class_index[n] for n in names)
         return DetectParams(thr, top, ids)
 
-    async def detect_encoded(self, data: bytes, params: DetectParams, deadline: float | None) -> DetectOutcome:
+    async def detect_encoded(self, model: str | None, data: bytes, query: DetectQuery,
+                             deadline: float | None) -> DetectOutcome:
         s = self.settings
-        return await self._detect(lambda: decode_image(data, s.max_upload_bytes, s.max_image_pixels), params,
+        return await self._detect(model, lambda: decode_image(data, s.max_upload_bytes, s.max_image_pixels), query,
                                   deadline)
 
-    async def detect_raw(self, data: bytes, height: int, width: int, channels: int, rgb_order: bool,
-                         params: DetectParams, deadline: float | None) -> DetectOutcome:
+    async def detect_raw(self, model: str | None, data: bytes, height: int, width: int, channels: int,
+                         rgb_order: bool, query: DetectQuery, deadline: float | None) -> DetectOutcome:
         s = self.settings
-        return await self._detect(lambda: raw_to_bgr(data, height, width, channels, rgb_order, s.max_image_pixels),
-                                  params, deadline)
+        return await self._detect(model, lambda: raw_to_bgr(data, height, width, channels, rgb_order,
+                                                            s.max_image_pixels), query, deadline)
 
-    async def _detect(self, decode: Callable[[], np.ndarray], params: DetectParams,
+    async def _detect(self, model: str | None, decode: Callable[[], np.ndarray], query: DetectQuery,
                       deadline: float | None) -> DetectOutcome:
         started = time.perf_counter()
         # Draining does not refuse: a request that reached us was accepted before the listeners closed,
-        # and accepted requests are answered.
-        if not self.can_serve():
-            raise NotAccepting("the model is not ready")
-        batcher = self.batcher
-        ticket = batcher.admit()  # QueueFull at once when the queue is full
-        try:
-            times = StageTimes()
+        # and accepted requests are answered. The lease keeps this version open until the answer is out,
+        # even if a reload swaps in another meanwhile.
+        with self.registry.lease(model) as version:
+            params = self.params(version, query)
+            batcher = version.batcher
+            ticket = batcher.admit()  # QueueFull at once when the queue is full
+            mm = batcher.metrics
             try:
-                image, batch, infos = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, self._decode_and_letterbox, decode, times)
-            except asyncio.CancelledError:  # the caller went away (or its gRPC deadline passed) while decoding
-                self.metrics.dropped.labels(reason="cancelled").inc()
-                raise
-            if deadline is not None and time.monotonic() >= deadline:
-                self.metrics.dropped.labels(reason="expired").inc()
-                raise DeadlineExceeded("deadline exceeded before inference; dropped")
-            return DetectOutcome(await batcher.submit(ticket, batch, infos[0], params, deadline, times), image,
-                                 times, started)
-        finally:
-            ticket.release()  # no-op once the worker took the request
+                times = StageTimes()
+                try:
+                    image, batch, infos = await asyncio.get_running_loop().run_in_executor(
+                        self.pool, self._decode_and_letterbox, version, decode, times)
+                except asyncio.CancelledError:  # the caller went away (or its gRPC deadline passed) while decoding
+                    mm.drop("cancelled")
+                    raise
+                if deadline is not None and time.monotonic() >= deadline:
+                    mm.drop("expired")
+                    raise DeadlineExceeded("deadline exceeded before inference; dropped")
+                dets = await batcher.submit(ticket, batch, infos[0], params, deadline, times)
+            finally:
+                ticket.release()  # no-op once the worker took the request
+            info = version.detector.info
+            return DetectOutcome(dets, image, times, started, version.name, version.version, info.name, info.size)
 
-    def _decode_and_letterbox(self, decode: Callable[[], np.ndarray], times: StageTimes):
+    @staticmethod
+    def _decode_and_letterbox(version: ModelVersion, decode: Callable[[], np.ndarray], times: StageTimes):
         t0 = time.perf_counter()
         image = decode()
         t1 = time.perf_counter()
-        batch, infos = self.backend.preprocess([image])
+        batch, infos = version.detector.preprocess([image])
         t2 = time.perf_counter()
         times.decode, times.preprocess = t1 - t0, t2 - t1
-        self.metrics.observe_stage("decode", times.decode)
-        self.metrics.observe_stage("preprocess", times.preprocess)
+        mm = version.batcher.metrics
+        mm.observe_stage("decode", times.decode)
+        mm.observe_stage("preprocess", times.preprocess)
         return image, batch, infos
+
+

@@ -1,7 +1,10 @@
-"""The JSON contract of the HTTP API (pydantic models; they make the OpenAPI schema)."""
+"""The JSON contract (pydantic models; they make the OpenAPI schema). gRPC messages are built from the same
+objects (`service.grpc_api`), and `rtmdet client` prints them, so the three never drift apart."""
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.batcher import StageTimes
 
@@ -14,9 +17,11 @@ class Detection(BaseModel):
 
 
 class ModelSummary(BaseModel):
-    name: str
+    name: str = Field(..., description="the network, e.g. rtmdet-tiny")
     size: str
-    version: str = Field(..., description="first 12 hex digits of the weights' sha256")
+    version: str = Field(..., description="the version that answered: its repository folder, else the first 12 "
+                                          "hex digits of the weights' sha256")
+    model: str = Field("", description="the served model's name (as in /v1/models/{name})")
 
 
 class Timing(BaseModel):
@@ -39,8 +44,25 @@ class DetectResponse(BaseModel):
     timing: Timing
 
 
+class DetectQuery(BaseModel):
+    """Query parameters of the detect routes (validated once, here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score_threshold: float | None = Field(None, ge=0.0, le=1.0, description="keep detections scoring above this")
+    max_detections: int | None = Field(None, ge=1, description="at most this many detections, best first")
+    classes: list[str] | None = Field(None, description="class names to keep (repeat, or comma-separate)")
+    timeout_ms: float | None = Field(None, gt=0, le=86_400_000,
+                                     description="deadline for this request; default RTMDET_REQUEST_TIMEOUT_S")
+
+
 class ModelInfo(BaseModel):
-    name: str
+    """One served model (its current version): what GET /v1/models lists and gRPC GetModelInfo returns."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    model: str = Field(..., description="the name requests use")
+    name: str = Field(..., description="the network, e.g. rtmdet-tiny")
     size: str
     version: str
     classes: list[str]
@@ -49,6 +71,19 @@ class ModelInfo(BaseModel):
     dtype: str
     weights_sha256: str | None
     backend: str
+    state: str = Field(..., description="ready, loading, failed or unloaded")
+    default: bool = False
+    weights: str = ""
+    error: str | None = None
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class ReloadRequest(BaseModel):
+    weights: str | None = Field(None, description="a weights file on the server; default: the model's current one")
 
 
 class Status(BaseModel):
@@ -70,3 +105,11 @@ def timing_from(times: StageTimes, total_s: float) -> Timing:
 def detections_from(dets) -> list[Detection]:
     """Same rounding as `Detections.to_list()` (what `rtmdet detect` prints)."""
     return [Detection(**d) for d in dets.to_list()]
+
+
+def detect_response(out) -> DetectResponse:
+    """A `service.pipeline.DetectOutcome` as the JSON contract."""
+    return DetectResponse(width=out.width, height=out.height,
+                          model=ModelSummary(name=out.network, size=out.size, version=out.version, model=out.model),
+                          detections=detections_from(out.detections),
+                          timing=timing_from(out.times, time.perf_counter() - out.started))

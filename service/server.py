@@ -1,9 +1,11 @@
-"""`rtmdet serve`: HTTP (uvicorn) and gRPC (grpc.aio) in one asyncio loop, over one batcher.
+"""`rtmdet serve`: HTTP (uvicorn) and gRPC (grpc.aio) in one asyncio loop, over the model registry.
 
 Start-up: both servers listen at once (/healthz answers, /readyz and gRPC health say "not yet"),
-the model loads and warms in a thread, then readiness turns on. SIGTERM/SIGINT: readiness turns
-off, both servers stop accepting, every request already accepted is answered, the batcher's worker
-ends, and the process exits 0.
+the models load and warm in a thread, then readiness turns on. SIGHUP (and, with
+RTMDET_REPOSITORY_POLL_S, a timer) re-reads the model repository: new versions are loaded beside the
+old ones and swapped in once checked (see `service.registry`). SIGTERM/SIGINT: readiness turns off,
+both servers stop accepting, every request already accepted is answered, the batchers' workers end,
+and the process exits 0.
 """
 from __future__ import annotations
 
@@ -44,8 +46,26 @@ async def follow_readiness(service: DetectionService, health, period_s: float = 
             log.warning("readiness: %s", "ready" if ready else service.not_ready_reason())
 
 
+async def rescan_repository(service: DetectionService, why: str) -> None:
+    """Re-read the model repository in a thread (one rescan at a time); log what changed."""
+    log.info("re-reading the model repository (%s)", why)
+    for line in await asyncio.to_thread(service.registry.rescan):
+        log.info("repository: %s", line)
+
+
+async def poll_repository(service: DetectionService, period_s: float, lock: asyncio.Lock) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        async with lock:
+            await rescan_repository(service, "poll")
+
+
 async def serve(settings: ServiceSettings) -> int:
-    service = DetectionService(settings)
+    try:
+        service = DetectionService(settings)
+    except ValueError as exc:  # a bad --model option or model repository
+        print(f"rtmdet serve: error: {' '.join(str(exc).splitlines())}", file=sys.stderr, flush=True)
+        return 2
     service.log_start_error = False  # reported below as the one `rtmdet serve: error:` line
     app = create_app(service, manage_lifecycle=False)
     grpc_server, health, grpc_port = create_grpc_server(service, f"{settings.host}:{settings.grpc_port}")
@@ -59,21 +79,37 @@ async def serve(settings: ServiceSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    rescan_lock = asyncio.Lock()
+    background: set[asyncio.Task] = set()
+
+    def on_sighup() -> None:
+        async def rescan() -> None:
+            async with rescan_lock:
+                await rescan_repository(service, "SIGHUP")
+        task = asyncio.create_task(rescan())
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve())
     load_task = service.start()
     stop_task = asyncio.create_task(stop.wait())
+    loading = ", ".join(f"{s.name}={s.spec.weights}" for s in service.registry.slots())
     page = f" (open http://{settings.host}:{settings.http_port}/ in a browser)" if settings.web_ui else ""
     print(f"rtmdet serve: http://{settings.host}:{settings.http_port}{page} grpc {settings.host}:{grpc_port} "
-          f"(loading {settings.weights})", flush=True)
+          f"(loading {loading})", flush=True)
 
     exit_code = 0
     done, _ = await asyncio.wait({load_task, http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     if load_task in done and load_task.exception() is None:
         await set_serving(health, True)
-        print(f"rtmdet serve: ready ({service.describe()['name']} on {service.describe()['device']})", flush=True)
+        models = ", ".join(f"{m.model} {m.version} ({m.name} on {m.device})" for m in service.model_list().models)
+        print(f"rtmdet serve: ready: {models}", flush=True)
         health_task = asyncio.create_task(follow_readiness(service, health))
+        if settings.model_repository is not None and settings.repository_poll_s > 0:
+            background.add(asyncio.create_task(poll_repository(service, settings.repository_poll_s, rescan_lock)))
         done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         health_task.cancel()
     elif load_task in done:
@@ -88,6 +124,9 @@ async def serve(settings: ServiceSettings) -> int:
 
     # Drain: stop taking new work on both protocols, answer what was accepted, then stop the worker.
     service.draining = True
+    loop.remove_signal_handler(signal.SIGHUP)
+    for task in list(background):
+        task.cancel()
     await health.enter_graceful_shutdown()
     http.should_exit = True
     await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), http_task, return_exceptions=True)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config import SIZES
@@ -16,6 +16,60 @@ from service.faults import FaultInjection
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_tiny_shapes.pth"
 BACKENDS = ("torch", "onnx", "triton")
+ACCELERATE_FIELD = Field(None, pattern=r"^(auto|eager|inductor|onnxruntime|openvino|torchscript|onednn|cudagraph)$")
+
+
+def known_size(v: str) -> str:
+    if v not in SIZES:
+        raise ValueError(f"unknown size {v!r}; choose one of {', '.join(SIZES)}")
+    return v
+
+
+def known_backend(v: str) -> str:
+    if v not in BACKENDS:
+        raise ValueError(f"unknown backend {v!r}; choose one of {', '.join(BACKENDS)}")
+    return v
+
+
+class TritonSettings(BaseModel):
+    """Where a Triton-served model lives and how long to wait for it (`RTMDET_TRITON_*`)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    url: str = "127.0.0.1:8001"
+    model: str = "rtmdet"
+    model_version: str = ""
+    timeout_s: float = Field(10.0, gt=0)  # one inference call; a hung Triton fails the batch after this
+    health_interval_s: float = Field(1.0, gt=0)  # how often model readiness is polled
+    health_timeout_s: float = Field(1.0, gt=0)
+    startup_timeout_s: float = Field(120.0, ge=0)  # how long start-up waits for the model to be ready
+
+
+class ModelSpec(BaseModel):
+    """One model to serve: what `--model NAME=PATH,...` or a repository version folder says."""
+
+    model_config = ConfigDict(protected_namespaces=(), frozen=True)
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    weights: Path
+    size: str = "tiny"
+    backend: str = "torch"
+    input_size: int | None = Field(None, ge=32, le=4096)  # None: the checkpoint's training size, else 640
+    device: str = "auto"
+    fp16: bool = False
+    # The torch runner's mode (model.inference.accelerate): None is the device's default (eager on the CPU, CUDA
+    # graphs on CUDA); `auto` measures eager, inductor, ONNX Runtime and OpenVINO here at start-up and keeps the
+    # fastest. `torchscript` (deprecated, opt-in) keeps ~40-110 MB per traced copy for the life of the process:
+    # not for a model that is reloaded often.
+    accelerate: str | None = ACCELERATE_FIELD
+    weights_key: Literal["ema", "raw"] = "ema"  # which weights of a training checkpoint (model.checkpoint)
+    class_names: list[str] | None = None
+    num_classes: int | None = Field(None, ge=1)  # pinned: a file with another class count is refused
+    version: str | None = None  # the repository's version folder; None: from the weights' hash
+    triton: TritonSettings = Field(default_factory=TritonSettings)
+
+    _known_size = field_validator("size")(known_size)
+    _known_backend = field_validator("backend")(known_backend)
 
 
 class ServiceSettings(BaseSettings):
@@ -30,9 +84,22 @@ class ServiceSettings(BaseSettings):
     size: str = "tiny"  # unset with a zoo name: that name's size
     device: str = "auto"
     fp16: bool = False
+    accelerate: str | None = ACCELERATE_FIELD  # see ModelSpec.accelerate
     # None: the checkpoint's training size (meta `img_size`), else 640.
     input_size: int | None = Field(None, ge=32, le=4096)
     class_names: list[str] | None = None  # override the checkpoint's class names
+    model_name: str = "default"  # the shipped/RTMDET_WEIGHTS model's name when no --model is given
+    models: list[ModelSpec] = Field(default_factory=list)  # --model NAME=PATH,... (the first is the default)
+    model_repository: Path | None = None  # one folder per model, one sub-folder per version
+    repository_poll_s: float = Field(0.0, ge=0.0)  # re-read the repository this often; 0: only on SIGHUP
+    admin_key: SecretStr | None = None  # reload/unload need `Authorization: Bearer <admin key>` when set
+    triton_url: str = "127.0.0.1:8001"
+    triton_model: str = "rtmdet"
+    triton_model_version: str = ""
+    triton_timeout_s: float = Field(10.0, gt=0)
+    triton_health_interval_s: float = Field(1.0, gt=0)
+    triton_health_timeout_s: float = Field(1.0, gt=0)
+    triton_startup_timeout_s: float = Field(120.0, ge=0)
 
     # Defaults for requests that do not say.
     score_threshold: float = Field(0.3, ge=0.0, le=1.0)
@@ -67,12 +134,8 @@ class ServiceSettings(BaseSettings):
     # Tests only: make the model step fail on purpose (see service/faults.py). Never set in production.
     fault_injection: FaultInjection | None = None
 
-    @field_validator("size")
-    @classmethod
-    def _known_size(cls, v: str) -> str:
-        if v not in SIZES:
-            raise ValueError(f"unknown size {v!r}; choose one of {', '.join(SIZES)}")
-        return v
+    _known_size = field_validator("size")(known_size)
+    _known_backend = field_validator("backend")(known_backend)
 
     @model_validator(mode="after")
     def _size_of_zoo_name(self) -> ServiceSettings:
@@ -82,17 +145,25 @@ class ServiceSettings(BaseSettings):
             self.size = zoo_size(self.weights)
         return self
 
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, v: str) -> str:
-        if v not in BACKENDS:
-            raise ValueError(f"unknown backend {v!r}; choose one of {', '.join(BACKENDS)}")
-        return v
-
-    @field_validator("api_key")
+    @field_validator("api_key", "admin_key")
     @classmethod
     def _empty_key_is_none(cls, v: SecretStr | None) -> SecretStr | None:
         return v if v is not None and v.get_secret_value() else None
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key is not None else None
+
+    def admin_key_value(self) -> str | None:
+        return self.admin_key.get_secret_value() if self.admin_key is not None else None
+
+    def triton_settings(self) -> TritonSettings:
+        return TritonSettings(url=self.triton_url, model=self.triton_model, model_version=self.triton_model_version,
+                              timeout_s=self.triton_timeout_s, health_interval_s=self.triton_health_interval_s,
+                              health_timeout_s=self.triton_health_timeout_s,
+                              startup_timeout_s=self.triton_startup_timeout_s)
+
+    def default_spec(self) -> ModelSpec:
+        """The model served when neither --model nor a repository is given (RTMDET_WEIGHTS, the shipped one)."""
+        return ModelSpec(name=self.model_name, weights=self.weights, size=self.size, backend=self.backend,
+                         input_size=self.input_size, device=self.device, fp16=self.fp16, accelerate=self.accelerate,
+                         weights_key=self.weights_key, class_names=self.class_names, triton=self.triton_settings())

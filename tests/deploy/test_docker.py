@@ -119,6 +119,18 @@ def test_compose_default_stack_is_detector_prometheus_grafana():
     assert Path(grafana["/var/lib/grafana/dashboards"]) == ROOT / "docker" / "grafana" / "dashboards"
 
 
+def test_compose_detectors_mount_the_model_repository_where_the_settings_look():
+    cfg = compose_config("gpu")
+    for name in ("detector", "detector-gpu"):
+        service = cfg["services"][name]
+        env = service["environment"]
+        mounts = {v["target"]: v for v in service["volumes"] if v["type"] == "bind"}
+        repo = mounts[env["RTMDET_MODEL_REPOSITORY"]]
+        assert repo["read_only"] and Path(repo["source"]) == ROOT / "models"
+        assert ServiceSettings(model_repository=env["RTMDET_MODEL_REPOSITORY"],
+                               repository_poll_s=env["RTMDET_REPOSITORY_POLL_S"]).repository_poll_s > 0
+
+
 def test_compose_gpu_profile_reserves_a_gpu():
     cfg = compose_config("gpu")
     gpu = cfg["services"]["detector-gpu"]

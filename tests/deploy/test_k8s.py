@@ -37,8 +37,8 @@ def parts(docs):
 def test_every_builtin_resource_validates_against_the_kubernetes_schema(rendered):
     _, docs = rendered
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service",
-                     "ServiceMonitor"]
+    assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "PersistentVolumeClaim",
+                     "PodDisruptionBudget", "Service", "ServiceMonitor"]
     for doc in docs:
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             continue  # a CRD: no schema ships with Kubernetes; its wiring is checked below
@@ -134,3 +134,17 @@ def test_renderer_agrees_with_kubectl_kustomize(rendered):
                          check=True, timeout=60).stdout
     theirs = sorted((d for d in yaml.safe_load_all(out) if d), key=lambda d: d["kind"])
     assert sorted(docs, key=lambda d: d["kind"]) == theirs
+
+
+def test_the_model_repository_is_a_read_only_volume_where_the_settings_look(rendered):
+    _, docs = rendered
+    deploy, container, settings = parts(docs)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    repo = mounts[settings["RTMDET_MODEL_REPOSITORY"]]
+    assert repo["readOnly"]
+    (volume,) = [v for v in deploy["spec"]["template"]["spec"]["volumes"] if v["name"] == repo["name"]]
+    claim = find(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadOnlyMany"]  # every replica reads the same repository
+    parsed = ServiceSettings(model_repository=settings["RTMDET_MODEL_REPOSITORY"],
+                             repository_poll_s=settings["RTMDET_REPOSITORY_POLL_S"])
+    assert parsed.repository_poll_s > 0  # nobody sends SIGHUP to a pod: new versions come by polling

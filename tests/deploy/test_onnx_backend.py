@@ -12,7 +12,7 @@ from model import Detector, TestConfig
 from model.boxes import distance2bbox, grid_priors
 from model.export import export_onnx
 from model.nn.rtmdet import fused_for_inference
-from service.backends_onnx import OnnxBackend
+from service.backends.onnx import OnnxRunner
 from tests.service.svc_helpers import CLASS_NAMES, ServerProcess, jpeg
 
 SIZE = 256
@@ -46,17 +46,13 @@ def assert_same(got, want, box_atol=0.05):
         np.testing.assert_allclose(g.boxes, w.boxes, atol=box_atol)
 
 
-def run(backend, photos):
-    batch, infos = backend.preprocess(photos)
-    return backend.postprocess(*backend.forward(batch), infos)
-
-
 @pytest.mark.parametrize("layout", ["heads", "decoded"])
 def test_rtmdet_export_gives_the_pytorch_detections(exported, photos, reference, layout):
-    backend = OnnxBackend(exported[layout], TestConfig.serving(input_size=SIZE))
-    assert backend.layout == layout and backend.class_names == CLASS_NAMES
-    assert_same(run(backend, photos), reference)
-    info = backend.describe()
+    runner = OnnxRunner(exported[layout])
+    assert runner.layout == layout and list(runner.info.class_names) == CLASS_NAMES
+    detector = Detector.from_runner(runner)  # serving thresholds at the file's input size
+    assert_same(detector(photos), reference)
+    info = detector.describe()
     assert info["backend"] == "onnx" and info["input_size"] == SIZE and info["size"] == "tiny"
 
 
@@ -90,11 +86,12 @@ def test_mmdeploy_end_to_end_file_gives_the_pytorch_detections(net, photos, refe
     e2e = MMDeployStyleEndToEnd(fused_for_inference(net), SIZE).eval()
     torch.onnx.export(e2e, (torch.zeros(1, 3, SIZE, SIZE),), str(path), dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["dets", "labels"])
-    backend = OnnxBackend(path, TestConfig.serving(input_size=640), class_names=CLASS_NAMES)
-    assert backend.layout == "mmdeploy" and backend.float_input and backend.fixed_batch == 1
-    assert backend.test_config.input_size == SIZE  # taken from the file's fixed input shape
+    runner = OnnxRunner(path, class_names=CLASS_NAMES)
+    assert runner.layout == "mmdeploy" and runner.float_input and runner.fixed_batch == 1
+    detector = Detector.from_runner(runner, TestConfig.serving(input_size=640))
+    assert detector.input_size == SIZE  # taken from the file's fixed input shape
     # Three images through a batch-1 file: run in chunks, results in order.
-    assert_same(run(backend, photos), reference, box_atol=0.1)
+    assert_same(detector(photos), reference, box_atol=0.1)
 
 
 def test_unknown_outputs_are_refused(tmp_path):
@@ -102,19 +99,18 @@ def test_unknown_outputs_are_refused(tmp_path):
     torch.onnx.export(nn.Conv2d(3, 2, 1), (torch.zeros(1, 3, 8, 8),), str(path), dynamo=False,
                       input_names=["x"], output_names=["y"])
     with pytest.raises(ValueError, match="unrecognised ONNX outputs"):
-        OnnxBackend(path)
+        OnnxRunner(path)
 
 
-def test_rtmdet_backend_onnx_builds_an_onnx_backend_from_settings(exported, tmp_path):
-    from service.backends import create_backend
+def test_rtmdet_backend_onnx_builds_an_onnx_runner_from_settings(exported, tmp_path):
+    from service.backends import BackendUnavailable, create_runner
     from service.settings import ServiceSettings
 
-    backend = create_backend(ServiceSettings(backend="onnx", weights=exported["heads"], input_size=SIZE))
-    assert isinstance(backend, OnnxBackend) and backend.class_names == CLASS_NAMES
-    from service.backends import BackendUnavailable
-
+    runner = create_runner(ServiceSettings(backend="onnx", weights=exported["heads"], input_size=SIZE).default_spec())
+    assert isinstance(runner, OnnxRunner) and list(runner.info.class_names) == CLASS_NAMES
+    runner.close()
     with pytest.raises(BackendUnavailable, match="cannot serve with ONNX Runtime"):
-        create_backend(ServiceSettings(backend="onnx", weights=tmp_path / "missing.onnx"))
+        create_runner(ServiceSettings(backend="onnx", weights=tmp_path / "missing.onnx").default_spec())
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ import pytest
 from model import Detector, TestConfig
 from model.export import export_onnx
 from model.triton_repo import TritonModelConfig, write_triton_repository
-from service.backends_triton import TritonBackend, TritonSettings
+from service.backends.triton import TritonRunner
+from service.settings import TritonSettings
 from tests.deploy.triton_server import TritonServer
 from tests.service.svc_helpers import CLASS_NAMES, ServerProcess, jpeg
 
@@ -39,14 +40,14 @@ def settings(triton, **kw) -> TritonSettings:
 
 
 def test_triton_backend_gives_the_pytorch_detections(triton, net, photos):
-    backend = TritonBackend(settings(triton), TestConfig.serving(input_size=640))
+    runner = TritonRunner(settings(triton))
     try:
-        assert backend.test_config.input_size == SIZE  # read from Triton's model config
+        backend = Detector.from_runner(runner, TestConfig.serving(input_size=640))
+        assert backend.input_size == SIZE  # read from Triton's model config
         assert backend.class_names == CLASS_NAMES  # from the config's rtmdet.* parameters
         backend.warmup([1, 5])  # 5 > max_batch_size 4: sent as two requests
-        assert backend.is_ready()
-        batch, infos = backend.preprocess(photos)
-        got = backend.postprocess(*backend.forward(batch), infos)
+        assert runner.is_ready()
+        got = backend(photos)
         want = Detector(net, CLASS_NAMES, device="cpu", test_cfg=TestConfig.serving(input_size=SIZE))(photos)
         assert all(len(w) > 3 for w in want)
         for g, w in zip(got, want):
@@ -55,7 +56,7 @@ def test_triton_backend_gives_the_pytorch_detections(triton, net, photos):
             np.testing.assert_allclose(g.boxes, w.boxes, atol=0.05)
         assert backend.describe()["backend"] == "triton"
     finally:
-        backend.close()
+        runner.close()
 
 
 def test_unreachable_triton_fails_start_up_quickly():
@@ -63,7 +64,7 @@ def test_unreachable_triton_fails_start_up_quickly():
 
     t0 = time.monotonic()
     with pytest.raises(BackendUnavailable, match="not ready after"):
-        TritonBackend(TritonSettings(url="127.0.0.1:9", startup_timeout_s=1.0))
+        TritonRunner(TritonSettings(url="127.0.0.1:9", startup_timeout_s=1.0))
     assert time.monotonic() - t0 < 10
 
 

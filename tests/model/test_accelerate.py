@@ -141,5 +141,5 @@ def test_jpeg_bytes_to_device_batch_then_detections(tmp_path):
                    accelerate="eager", test_cfg=TestConfig(input_size=320, score_thr=0.0, max_per_img=5))
     batch2, infos2 = det.preprocess_jpegs(data)
     assert torch.equal(batch2, batch) and infos2 == infos
-    dets = det.postprocess(*det.forward(batch2), infos2)
+    dets = det.postprocess(det.forward(batch2), infos2)
     assert [len(d) for d in dets] == [5, 5]

@@ -16,8 +16,10 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(checkpoint, tmp_path_factory):
-    """The shared server: API key on, 1 MiB upload cap, 2 Mpx pixel cap, batches of up to 8."""
+    """The shared server: API key on, 1 MiB upload cap, 2 Mpx pixel cap, batches of up to 8. An admin key that no
+    test sends, so nothing (schemathesis included) can reload or unload the model other tests use."""
     srv = ServerProcess(checkpoint, tmp_path_factory.mktemp("logs") / "server.log", RTMDET_API_KEY=API_KEY,
+                        RTMDET_ADMIN_KEY="not-sent-by-any-test",
                         RTMDET_MAX_UPLOAD_BYTES=str(1024 * 1024), RTMDET_MAX_IMAGE_PIXELS="2000000",
                         RTMDET_MAX_BATCH_SIZE="8", RTMDET_MAX_QUEUE_DELAY_MS="10", RTMDET_MAX_QUEUE_SIZE="256")
     try:

@@ -31,21 +31,32 @@ CLASS_NAMES = ["circle", "square", "triangle"]
 CLS_BIAS = (-1.55, -1.15, -1.35)  # per-class logit offsets, chosen so each class has detections
 
 
-def make_test_checkpoint(path: Path) -> Path:
+def make_test_checkpoint(path: Path, class_names=CLASS_NAMES, cls_bias=CLS_BIAS) -> Path:
     torch.manual_seed(0)
-    m = model.build_rtmdet("tiny", num_classes=len(CLASS_NAMES))
+    m = model.build_rtmdet("tiny", num_classes=len(class_names))
     for mod in m.modules():
         if isinstance(mod, nn.Conv2d):
             nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
     for conv in m.bbox_head.rtm_cls:
         nn.init.normal_(conv.weight, std=5.0)
         with torch.no_grad():
-            conv.bias.copy_(torch.tensor(CLS_BIAS))
+            conv.bias.copy_(torch.tensor(cls_bias))
     for conv in m.bbox_head.rtm_reg:
         nn.init.normal_(conv.weight, std=0.3)
         nn.init.constant_(conv.bias, 1.5)  # boxes about 3 strides wide
-    model.save_checkpoint(path, m.state_dict(), make_meta(CLASS_NAMES))
+    model.save_checkpoint(path, m.state_dict(), make_meta(list(class_names)))
     return path
+
+
+def make_variant_checkpoint(src: Path, dst: Path, cls_shift: float = 0.5) -> Path:
+    """Another version of `src`: the class logits shifted by `cls_shift` (more boxes, higher scores)."""
+    from model.checkpoint import class_names_from_meta, read_checkpoint
+
+    state, meta = read_checkpoint(src)
+    for k in [k for k in state if k.startswith("bbox_head.rtm_cls") and k.endswith("bias")]:
+        state[k] = state[k] + cls_shift
+    model.save_checkpoint(dst, state, make_meta(class_names_from_meta(meta)))
+    return dst
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -65,7 +76,8 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m service serve` in a subprocess; `.http` is its base URL, `.grpc` its target."""
 
-    def __init__(self, weights: Path, log_path: Path, **env: str) -> None:
+    def __init__(self, weights: Path, log_path: Path, *args: str, weights_flag: bool = True, **env: str) -> None:
+        """`args` are more `rtmdet serve` flags; `weights_flag=False` leaves out `--weights`."""
         self.http_port, self.grpc_port = free_port(), free_port()
         self.http = f"http://127.0.0.1:{self.http_port}"
         self.grpc = f"127.0.0.1:{self.grpc_port}"
@@ -74,8 +86,9 @@ class ServerProcess:
         self.log_path = log_path
         self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--weights", str(weights), "--http-port", str(self.http_port),
-             "--grpc-port", str(self.grpc_port)], cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "service", "serve", *(("--weights", str(weights)) if weights_flag else ()),
+             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *args], cwd=REPO, env=self.env,
+            stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         end = time.monotonic() + timeout
@@ -133,3 +146,19 @@ def png(img: np.ndarray) -> bytes:
     ok, buf = cv2.imencode(".png", img)
     assert ok
     return buf.tobytes()
+
+
+def metric_samples(base_url: str) -> dict:
+    """Every sample of /metrics: {(name, sorted label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=10).text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric_value(snap: dict, name: str, **labels) -> float:
+    """The sum over the samples of `name` that carry these labels (whatever other labels they have, e.g. `model`)."""
+    return sum(v for (n, items), v in snap.items() if n == name and labels.items() <= dict(items).items())

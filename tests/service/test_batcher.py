@@ -12,25 +12,34 @@ import uvicorn
 from svc_helpers import free_port, png
 
 from model import Detector, TestConfig
-from service.backends import BackendUnavailable, TorchBackend, create_backend
-from service.batcher import BatchFailed, DetectParams, filter_detections
+from model.inference.detections import DetectParams, filter_detections
+from service.backends import BackendUnavailable, create_runner
+from service.errors import BatchFailed
 from service.http_api import create_app
 from service.pipeline import DetectionService
+from service.registry import ModelRegistry
+from service.schemas import DetectQuery
 from service.settings import ServiceSettings
 
 SIZE = 160
 
 
-class FaultyBackend(TorchBackend):
-    """The real backend, with a switch that makes the next forward pass raise (fault injection)."""
+class FaultyRunner:
+    """The real runner, with a switch that makes the next forward pass raise (fault injection)."""
 
     fail_next = False
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
     def forward(self, batch):
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected fault")
-        return super().forward(batch)
+        return self.inner.forward(batch)
 
 
 @pytest.fixture(scope="module")
@@ -42,29 +51,33 @@ def detector(checkpoint):
 def service(detector, checkpoint):
     settings = ServiceSettings(weights=checkpoint, input_size=SIZE, max_batch_size=4, max_queue_delay_ms=20,
                                decode_threads=2, warmup=False)
-    svc = DetectionService(settings, backend=FaultyBackend(detector))
+    from service.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics()
+    runner = FaultyRunner(detector.runner)
+    svc = DetectionService(settings, metrics, ModelRegistry(settings, metrics, runner_factory=lambda spec: runner))
     svc.load()
+    svc.runner = runner
     yield svc
     svc.shutdown()
 
 
-def detect_many(service: DetectionService, images: list[np.ndarray], params: DetectParams) -> list:
+def detect_many(service: DetectionService, images: list[np.ndarray]) -> list:
     async def run():
-        return await asyncio.gather(*(service.detect_encoded(png(img), params, None) for img in images),
+        return await asyncio.gather(*(service.detect_encoded(None, png(img), DetectQuery(), None) for img in images),
                                     return_exceptions=True)
     return asyncio.run(run())
 
 
 def test_an_exception_fails_only_its_batch_and_the_worker_carries_on(service, photos):
     imgs = [photos["coffee"]] * 3
-    params = service.params()
-    service.backend.fail_next = True
-    failed = detect_many(service, imgs, params)
+    service.runner.fail_next = True
+    failed = detect_many(service, imgs)
     assert all(isinstance(r, BatchFailed) for r in failed), failed
     assert "injected fault" in str(failed[0])
-    ok = detect_many(service, imgs, params)
+    ok = detect_many(service, imgs)
     assert all(not isinstance(r, Exception) for r in ok)
-    assert service.metrics.batch_failures._value.get() == 1
+    assert service.metrics.batch_failures.labels(model="default")._value.get() == 1
 
 
 def test_batch_failure_is_a_500_with_its_message_over_http(service, photos):
@@ -77,7 +90,7 @@ def test_batch_failure_is_a_500_with_its_message_over_http(service, photos):
         while not server.started:
             time.sleep(0.02)
         url = f"http://127.0.0.1:{port}/detect"
-        service.backend.fail_next = True
+        service.runner.fail_next = True
         r = httpx.post(url, content=png(photos["coffee"]), headers={"Content-Type": "image/png"}, timeout=60)
         assert r.status_code == 500 and "injected fault" in r.json()["detail"]
         r = httpx.post(url, content=png(photos["coffee"]), headers={"Content-Type": "image/png"}, timeout=60)
@@ -100,7 +113,7 @@ def test_batch_failure_is_internal_with_its_message_over_grpc(service, photos):
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                 stub = detector_pb2_grpc.DetectorStub(ch)
                 req = detector_pb2.DetectRequest(encoded=png(photos["coffee"]))
-                service.backend.fail_next = True
+                service.runner.fail_next = True
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.Detect(req, timeout=60)
                 assert err.value.code() == grpc.StatusCode.INTERNAL and "injected fault" in err.value.details()
@@ -109,6 +122,21 @@ def test_batch_failure_is_internal_with_its_message_over_grpc(service, photos):
             await server.stop(None)
 
     asyncio.run(run())
+
+
+def test_per_image_cuts_in_one_batch_equal_running_the_detector_with_each_images_settings(detector, photos):
+    """The transform's batched post-processing with one DetectParams per image (what the batcher asks for)."""
+    img = photos["astronaut"]
+    asked = [DetectParams(0.3, 100), DetectParams(0.31, 5), DetectParams(0.3, 1000, frozenset({1}))]
+    batch, infos = detector.preprocess([img] * len(asked))
+    got = detector.postprocess(detector.forward(batch), infos, params=asked)
+    for g, p in zip(got, asked):
+        want = detector([img], detector.with_config(score_thr=p.score_threshold, max_per_img=1_000_000))[0]
+        keep = [i for i, lbl in enumerate(want.labels) if p.class_ids is None or lbl in p.class_ids]
+        keep = keep[:p.max_detections]
+        assert len(g) == len(keep) > 0
+        np.testing.assert_array_equal(g.labels, want.labels[keep])
+        np.testing.assert_allclose(g.boxes, want.boxes[keep], atol=1e-3)
 
 
 def test_per_request_filtering_equals_running_the_detector_with_those_settings(detector, photos):
@@ -131,4 +159,4 @@ def test_unknown_backends_say_so():
 
 def test_missing_weights_is_a_clear_error(tmp_path):
     with pytest.raises(BackendUnavailable, match="not found"):
-        create_backend(ServiceSettings(weights=tmp_path / "nope.pth"))
+        create_runner(ServiceSettings(weights=tmp_path / "nope.pth").default_spec())

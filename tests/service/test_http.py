@@ -9,8 +9,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from svc_helpers import CLASS_NAMES, INPUT_SIZE, jpeg, png
+from svc_helpers import CLASS_NAMES, INPUT_SIZE, jpeg, metric_samples, metric_value, png
 
 from model import Detector, TestConfig
 
@@ -189,17 +188,7 @@ def test_cors_is_off_by_default(server):
     assert "access-control-allow-origin" not in r.headers
 
 
-def metric_samples(base_url: str) -> dict:
-    text = httpx.get(f"{base_url}/metrics").text
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def sample(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+sample = metric_value
 
 
 def test_metrics_parse_and_count_the_requests_made(server, client, photos):
@@ -224,5 +213,5 @@ def test_metrics_parse_and_count_the_requests_made(server, client, photos):
     assert images == 3  # the empty upload never reached the model
     info = [k for k in after if k[0] == "rtmdet_model_info"]
     assert info and dict(info[0][1])["name"] == "rtmdet-tiny"
-    assert ("rtmdet_queue_depth", ()) in after
+    assert ("rtmdet_queue_depth", (("model", "default"),)) in after
     assert sample(after, "rtmdet_stage_duration_seconds_bucket", stage="inference", le="0.0001") is not None

@@ -8,8 +8,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from svc_helpers import API_KEY, INPUT_SIZE, ServerProcess, jpeg
+from svc_helpers import API_KEY, INPUT_SIZE, ServerProcess, jpeg, metric_samples, metric_value
 
 from model import Detector, TestConfig
 from service.client import NO_RETRY, GrpcDetectorClient
@@ -17,16 +16,7 @@ from service.client import NO_RETRY, GrpcDetectorClient
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def samples(base_url: str) -> dict:
-    out = {}
-    for fam in text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=10).text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(snap: dict, name: str, **labels) -> float:
-    return snap.get((name, tuple(sorted(labels.items()))), 0.0)
+samples, value = metric_samples, metric_value
 
 
 def http_detect(base: str, data: bytes, **params) -> httpx.Response:

@@ -29,20 +29,22 @@ class RawImage(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., channel_order: _Optional[_Union[ChannelOrder, str]] = ...) -> None: ...
 
 class DetectRequest(_message.Message):
-    __slots__ = ("encoded", "raw", "score_threshold", "max_detections", "classes", "request_id")
+    __slots__ = ("encoded", "raw", "score_threshold", "max_detections", "classes", "request_id", "model")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     raw: RawImage
     score_threshold: float
     max_detections: int
     classes: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., score_threshold: _Optional[float] = ..., max_detections: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Box(_message.Message):
     __slots__ = ("x1", "y1", "x2", "y2")
@@ -69,14 +71,16 @@ class Detection(_message.Message):
     def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., label: _Optional[int] = ..., class_name: _Optional[str] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "size", "version")
+    __slots__ = ("name", "size", "version", "model")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: str
     version: str
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[str] = ..., version: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("decode_ms", "preprocess_ms", "queue_ms", "inference_ms", "postprocess_ms", "total_ms", "batch_size")
@@ -113,11 +117,25 @@ class DetectResponse(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., model: _Optional[_Union[ModelSummary, _Mapping]] = ..., detections: _Optional[_Iterable[_Union[Detection, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ListModelsResponse(_message.Message):
+    __slots__ = ("default_model", "models")
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    default_model: str
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "size", "version", "classes", "input_size", "device", "dtype", "weights_sha256", "backend")
+    __slots__ = ("name", "size", "version", "classes", "input_size", "device", "dtype", "weights_sha256", "backend", "model", "state", "default", "error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +145,10 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: str
     version: str
@@ -136,4 +158,8 @@ class ModelInfo(_message.Message):
     dtype: str
     weights_sha256: str
     backend: str
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[str] = ..., version: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    model: str
+    state: str
+    default: bool
+    error: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[str] = ..., version: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., default: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...

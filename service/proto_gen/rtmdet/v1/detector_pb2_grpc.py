@@ -50,6 +50,11 @@ class DetectorStub:
                 request_serializer=rtmdet_dot_v1_dot_detector__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=rtmdet_dot_v1_dot_detector__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/rtmdet.v1.Detector/ListModels',
+                request_serializer=rtmdet_dot_v1_dot_detector__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=rtmdet_dot_v1_dot_detector__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class DetectorServicer:
@@ -71,7 +76,14 @@ class DetectorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """The loaded model: name, size, classes, input size, device, dtype, weights hash.
+        """One served model (empty name: the default): name, version, size, classes, input size, device, state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Every model this server has, the default first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +106,11 @@ def add_DetectorServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=rtmdet_dot_v1_dot_detector__pb2.GetModelInfoRequest.FromString,
                     response_serializer=rtmdet_dot_v1_dot_detector__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=rtmdet_dot_v1_dot_detector__pb2.ListModelsRequest.FromString,
+                    response_serializer=rtmdet_dot_v1_dot_detector__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +195,33 @@ class Detector:
             '/rtmdet.v1.Detector/GetModelInfo',
             rtmdet_dot_v1_dot_detector__pb2.GetModelInfoRequest.SerializeToString,
             rtmdet_dot_v1_dot_detector__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rtmdet.v1.Detector/ListModels',
+            rtmdet_dot_v1_dot_detector__pb2.ListModelsRequest.SerializeToString,
+            rtmdet_dot_v1_dot_detector__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

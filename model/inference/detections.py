@@ -1,0 +1,42 @@
+"""Detections of one image, and the per-request choices that cut them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Detections:
+    """Detections of one image: boxes are xyxy in the original image's pixels, sorted by score."""
+
+    boxes: np.ndarray  # (N, 4) float32
+    scores: np.ndarray  # (N,) float32
+    labels: np.ndarray  # (N,) int64
+    class_names: list[str] = field(default_factory=list)  # one per detection
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    def to_list(self) -> list[dict]:
+        return [{"box": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(lbl),
+                 "class_name": n}
+                for b, s, lbl, n in zip(self.boxes, self.scores, self.labels, self.class_names)]
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    """What one image's caller asks for: the cut applied to its detections after NMS."""
+
+    score_threshold: float
+    max_detections: int
+    class_ids: frozenset[int] | None = None  # None: every class
+
+
+def filter_detections(dets: Detections, params: DetectParams) -> Detections:
+    """Score threshold, then classes, then the best `max_detections` (rows are sorted by score)."""
+    keep = dets.scores > params.score_threshold
+    if params.class_ids is not None:
+        keep &= np.isin(dets.labels, np.fromiter(params.class_ids, dtype=np.int64))
+    idx = np.flatnonzero(keep)[: params.max_detections]
+    return Detections(dets.boxes[idx], dets.scores[idx], dets.labels[idx], [dets.class_names[i] for i in idx])
