@@ -169,7 +169,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         meta = {k: v for k, v in (details.invocation_metadata or ())}
         try:
-            check_bearer(str(meta.get("authorization", "")), self._key, where="metadata `authorization`")
+            check_bearer(str(meta.get("authorization", "")), self._key, where="metadata `authorization: Bearer <key>`")
             return await continuation(details)
         except Unauthorized as exc:
             code, message = status_for(exc)

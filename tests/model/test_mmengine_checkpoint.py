@@ -197,7 +197,7 @@ def test_serve_loads_the_chosen_weights(trained_pair, monkeypatch):
     import cv2
 
     from model.inference.detector import Detector
-    from service.backends import TorchBackend
+    from service.backends import create_runner
     from service.cli import build_parser
     from service.commands import settings_from_args
 
@@ -208,7 +208,7 @@ def test_serve_loads_the_chosen_weights(trained_pair, monkeypatch):
         settings = settings_from_args(build_parser().parse_args(
             ["serve", "--weights", str(mm), "--weights-key", key, "--device", "cpu"]))
         assert settings.weights_key == key
-        served = TorchBackend.from_settings(settings).detector
+        served = Detector.from_runner(create_runner(settings.default_spec()))
         reference = Detector.from_checkpoint(published[key], device="cpu")
         reference.cfg = served.cfg
         assert served([image])[0].to_list() == reference([image])[0].to_list(), key

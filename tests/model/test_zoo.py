@@ -255,7 +255,7 @@ def test_detect_and_serve_settings_take_a_zoo_name(tmp_path, shapes_as_rtmdet_ti
 
 
 def test_commands_fail_in_one_line_when_offline_without_cache(tmp_path, monkeypatch, capsys):
-    from service.backends import BackendUnavailable, TorchBackend
+    from service.backends import BackendUnavailable, create_runner
     from service.cli import main as rtmdet
     from service.settings import ServiceSettings
 
@@ -267,7 +267,7 @@ def test_commands_fail_in_one_line_when_offline_without_cache(tmp_path, monkeypa
     assert rtmdet(["export", "--weights", "rtmdet-l", "--out", str(tmp_path / "m.onnx")]) == 2
     assert f"put {ZOO['rtmdet-l'].filename} into" in capsys.readouterr().err
     with pytest.raises(BackendUnavailable, match=f"put {ZOO['rtmdet-s'].filename} into"):
-        TorchBackend.from_settings(ServiceSettings(weights="rtmdet-s"))
+        create_runner(ServiceSettings(weights="rtmdet-s").default_spec())
     assert rtmdet(["eval", "--weights", "rtmdet-x", "--data", str(tmp_path)]) == 2  # one line, no traceback
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"put {ZOO['rtmdet-x'].filename} into" in err
