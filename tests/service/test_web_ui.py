@@ -39,7 +39,10 @@ def servers(tmp_path_factory):
     """Both servers of the module, started side by side (each start is mostly imports): the page's, and one
     with RTMDET_WEB_UI=false."""
     logs = tmp_path_factory.mktemp("web_ui")
-    with (ServerProcess(SHIPPED_WEIGHTS, logs / "server.log", RTMDET_API_KEY=API_KEY, RTMDET_WARMUP="false") as on,
+    # The page's server holds two models (the same file under two names), so the page shows its model picker.
+    models = ("--model", f"shapes={SHIPPED_WEIGHTS}", "--model", f"second={SHIPPED_WEIGHTS}")
+    with (ServerProcess(SHIPPED_WEIGHTS, logs / "server.log", *models, weights_flag=False, RTMDET_API_KEY=API_KEY,
+                        RTMDET_WARMUP="false") as on,
           ServerProcess(SHIPPED_WEIGHTS, logs / "no_ui.log", RTMDET_WEB_UI="false", RTMDET_WARMUP="false") as off):
         on.wait_ready()
         wait_listening(off)
@@ -250,3 +253,27 @@ def test_page_is_served_with_the_servers_settings(shapes_server):
     assert '"apiKeyRequired": true' in page.text and "connect-src 'self'" in page.headers["content-security-policy"]
     assert "/" not in httpx.get(f"{shapes_server.http}/openapi.json", timeout=5).json()["paths"]
     assert f"open {shapes_server.http}/ in a browser" in shapes_server.log_path.read_text()
+
+
+def test_the_model_picker_lists_the_served_models_and_sends_to_the_one_picked(shapes_server, auth, browser):
+    from selenium.webdriver.support.ui import Select
+
+    served = httpx.get(f"{shapes_server.http}/v1/models", headers=auth, timeout=WAIT_S).json()
+    names = [m["model"] for m in served["models"]]
+    assert names == ["shapes", "second"]
+    open_page(browser, shapes_server.http, API_KEY)
+    browser.execute_script("loadModels()")  # the key was typed after the page asked: ask again with it
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_element(By.ID, "picker").is_displayed())
+    picker = Select(browser.find_element(By.ID, "model"))
+    assert [o.get_attribute("value") for o in picker.options] == names
+    assert picker.first_selected_option.get_attribute("value") == "shapes"  # the server's default
+    picker.select_by_value("second")
+    browser.execute_script("document.getElementById('model').dispatchEvent(new Event('change'))")
+    card = upload(browser, SHAPES)
+    assert card.get_attribute("data-state") == "done", card.text
+    sent = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name).filter(n => n.includes('/detect'))")
+    assert "/v1/models/second/detect" in sent[-1]
+    want = httpx.post(f"{shapes_server.http}/v1/models/second/detect", files={"image": (SHAPES.name,
+                      SHAPES.read_bytes())}, headers=auth, timeout=WAIT_S).json()
+    assert listed(card) == want["detections"] and want["model"]["model"] == "second"
