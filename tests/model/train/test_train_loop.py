@@ -11,18 +11,10 @@ import pytest
 import torch
 
 from model.checkpoint import class_names_from_meta
-from model.data.shapes import make_shapes_dataset
 from model.inference.detector import Detector
 from model.train.engine import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes_dataset(root, 8, 2, seed=11, img_size=96)
-    return root
 
 
 def _cfg(data, out, **kw):

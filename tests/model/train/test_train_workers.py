@@ -15,17 +15,9 @@ import torch
 import model.train.engine as engine
 from model.data.formats import open_split
 from model.data.loader import DataLoaderStalled
-from model.data.shapes import make_shapes_dataset
 from model.train.engine import TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    make_shapes_dataset(root, 8, 2, seed=12, img_size=96)
-    return root
 
 
 def test_training_with_workers_crosses_the_stage_switch_after_validation(tmp_path):
