@@ -204,9 +204,11 @@ class ModelRegistry:
         except BaseException:
             runner.close()
             raise
+        slo_ms = spec.latency_slo_ms or s.latency_slo_ms
         batcher = DynamicBatcher(detector, self.metrics.for_model(spec.name), s.max_batch_size,
                                  s.max_queue_delay_ms / 1000.0, s.max_queue_size,
-                                 inference_timeout_s=s.inference_timeout_s)
+                                 inference_timeout_s=s.inference_timeout_s,
+                                 latency_slo_s=slo_ms / 1000.0 if slo_ms else None)
         batcher.start()
         gauge = self.metrics.versions_loaded.labels(model=spec.name)
         gauge.inc()
@@ -351,8 +353,9 @@ def parse_model_option(text: str, settings: ServiceSettings) -> ModelSpec:
     for opt in options:
         key, sep, value = opt.partition("=")
         key = _OPTION_ALIASES.get(key.strip(), key.strip())
-        if not sep or key not in ("size", "input_size", "backend", "num_classes"):
-            raise ValueError(f"--model {text!r}: unknown option {opt!r}; known: size, img_size, backend, num_classes")
+        if not sep or key not in ("size", "input_size", "backend", "num_classes", "latency_slo_ms"):
+            raise ValueError(f"--model {text!r}: unknown option {opt!r}; known: size, img_size, backend, "
+                             "num_classes, latency_slo_ms")
         fields[key] = value.strip()
     try:
         return ModelSpec(**fields)
@@ -378,7 +381,8 @@ def version_spec(name: str, folder: Path, base: dict) -> ModelSpec:
         extra = yaml.safe_load(config.read_text()) or {}
         if not isinstance(extra, dict):
             raise ValueError(f"{config}: expected a mapping of settings")
-        unknown = set(extra) - {"size", "img_size", "input_size", "backend", "num_classes", "class_names", "fp16"}
+        unknown = set(extra) - {"size", "img_size", "input_size", "backend", "num_classes", "class_names", "fp16",
+                                  "latency_slo_ms"}
         if unknown:
             raise ValueError(f"{config}: unknown settings {sorted(unknown)}")
         fields.update({_OPTION_ALIASES.get(k, k): v for k, v in extra.items()})
