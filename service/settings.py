@@ -111,6 +111,9 @@ class ServiceSettings(BaseSettings):
     # requests (500/INTERNAL) and the batcher carries on in a fresh thread; 0 turns it off.
     inference_timeout_s: float = Field(60.0, ge=0.0)
     decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    # Threads (see service/serve_env.py; RTMDET_OMP_WAIT_POLICY, default PASSIVE, is read before torch loads).
+    torch_threads: int = Field(0, ge=0)  # torch intra-op threads; 0: one per core
+    opencv_threads: int = Field(1, ge=0)  # OpenCV's own pool per call (decoding is already one image a thread)
     warmup: bool = True
 
     # Network.
