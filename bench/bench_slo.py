@@ -33,10 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_service import lively_random_model  # noqa: E402
+from bench_service import weights_or_random  # noqa: E402
 
-from model import save_checkpoint  # noqa: E402
-from model.checkpoint import make_meta  # noqa: E402
 from service.errors import CannotMeetDeadline, NotAccepting, QueueFull  # noqa: E402
 from service.pipeline import DetectionService  # noqa: E402
 from service.schemas import DetectQuery  # noqa: E402
@@ -119,11 +117,7 @@ def main() -> int:
     import torch
     torch.set_num_threads(args.threads)
     tmp = tempfile.TemporaryDirectory()
-    weights = args.weights
-    if not weights.is_file():
-        weights = Path(tmp.name) / "random_tiny.pth"
-        save_checkpoint(weights, lively_random_model(args.size).state_dict(), make_meta())
-        print(f"{args.weights} not found: a randomly initialised {args.size} model instead")
+    weights = weights_or_random(args.weights, args.size, Path(tmp.name))
     data = args.image.read_bytes()
     slo_s = args.slo_ms / 1000.0
     print(f"{args.size} at {args.input_size}, batch {args.batch}, {os.cpu_count()} CPUs, torch threads "

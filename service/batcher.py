@@ -268,21 +268,27 @@ class DynamicBatcher:
         with self._lock:
             return self._admitted > 0
 
+    def _poll(self, wait_s):
+        """The next queued job (or _STOP): at once if one is there, else waiting while `wait_s()` (the seconds
+        still worth waiting, asked again every 0.5 ms) stays positive; None once it is not."""
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                remaining = wait_s()
+                if remaining <= 0:
+                    return None
+                with contextlib.suppress(queue.Empty):
+                    return self._queue.get(timeout=min(remaining, 0.0005))
+
     def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
         batch, stop = [first], False
         self._take(first)
         until = time.monotonic() + self.max_queue_delay_s
         while len(batch) < self.max_batch_size:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                remaining = until - time.monotonic()
-                if remaining <= 0 or not self._more_on_the_way():
-                    break
-                try:
-                    job = self._queue.get(timeout=min(remaining, 0.0005))
-                except queue.Empty:
-                    continue
+            job = self._poll(lambda: until - time.monotonic() if self._more_on_the_way() else 0.0)
+            if job is None:
+                break
             if job is _STOP:
                 stop = True
                 break
@@ -295,25 +301,22 @@ class DynamicBatcher:
         held, stop = self._held, False
         held.appendleft(first)
         wait_until = time.monotonic() + self.max_queue_delay_s
+
+        def worth_waiting() -> float:
+            with self._lock:
+                on_the_way = self._admitted - len(held)
+            if on_the_way <= 0:
+                return 0.0
+            until = wait_until
+            bigger = self.times.predict(len(held) + 1)
+            if held[0].ticket.due is not None and bigger is not None:
+                until = min(until, held[0].ticket.due - bigger)
+            return until - time.monotonic()
+
         while reading and len(held) < self.max_batch_size:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                with self._lock:
-                    on_the_way = self._admitted - len(held)
-                if on_the_way <= 0:
-                    break
-                until = wait_until
-                bigger = self.times.predict(len(held) + 1)
-                if held[0].ticket.due is not None and bigger is not None:
-                    until = min(until, held[0].ticket.due - bigger)
-                remaining = until - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    job = self._queue.get(timeout=min(remaining, 0.0005))
-                except queue.Empty:
-                    continue
+            job = self._poll(worth_waiting)
+            if job is None:
+                break
             if job is _STOP:
                 stop = True
                 break

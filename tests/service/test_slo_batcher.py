@@ -272,3 +272,19 @@ def test_refusal_is_503_with_retry_after_over_http_and_resource_exhausted_over_g
     metrics = httpx.get(f"{slo_server.http}/metrics", timeout=10).text
     assert 'rtmdet_batcher_refused_total{model="default",reason="slo"} 2.0' in metrics
     assert httpx.get(f"{slo_server.http}/readyz", timeout=10).status_code == 200  # refusing is not being down
+
+
+def test_a_misprediction_sheds_requests_that_would_be_late_instead_of_answering_them_late(make_batcher):
+    # Learned at 20 ms a batch of 1; then each batch takes 300 ms. Six requests admitted on the old prediction:
+    # once the batcher sees the slowdown, those that would end past the 500 ms SLO get 503 "late" before running.
+    batcher, runner = make_batcher(0.02, max_batch_size=1, latency_slo_s=0.5)
+    runner.per_batch = 0.3
+
+    async def run():
+        return await asyncio.gather(*(detect(batcher) for _ in range(6)), return_exceptions=True)
+    results = asyncio.run(run())
+    late = [r for r in results if isinstance(r, CannotMeetDeadline)]
+    assert late and all(r.reason == "late" and "dropped before inference" in str(r) for r in late), results
+    assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, CannotMeetDeadline)]
+    assert refused(batcher, "late") == len(late)
+    assert len(late) < 6  # the first ran: it was admitted and on time by what was known
