@@ -60,6 +60,16 @@ def lively_random_model(size: str):
     return m
 
 
+def weights_or_random(weights: Path, size: str, tmp: Path) -> Path:
+    """`weights`, or when that file is missing a lively random checkpoint of `size` saved under `tmp`."""
+    if weights.is_file():
+        return weights
+    path = tmp / f"random_{size}.pth"
+    save_checkpoint(path, lively_random_model(size).state_dict(), make_meta())
+    print(f"{weights} not found: timing a randomly initialised {size} model instead")
+    return path
+
+
 def percentiles(lat_s: list[float]) -> tuple[float, float, float]:
     p = np.percentile(np.array(lat_s) * 1000.0, [50, 95, 99])
     return float(p[0]), float(p[1]), float(p[2])
@@ -184,11 +194,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server subprocess
     tmp = tempfile.TemporaryDirectory()
-    weights = args.weights
-    if not weights.is_file():
-        weights = Path(tmp.name) / "random_tiny.pth"
-        save_checkpoint(weights, lively_random_model(args.size).state_dict(), make_meta())
-        print(f"{args.weights} not found: timing a randomly initialised {args.size} model instead")
+    weights = weights_or_random(args.weights, args.size, Path(tmp.name))
     data = args.image.read_bytes()
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     print(f"image {args.image.name} {image.shape[1]}x{image.shape[0]}, {args.size} at {args.input_size}, "

@@ -13,6 +13,18 @@ images) before any request fails. The step itself runs on a separate "model" thr
 worker: past `inference_timeout_s` the batch's requests fail with `InferenceTimeout`, the stuck thread
 is abandoned (Python cannot kill it) and the next batch runs on a fresh one; `stalled` counts stuck
 steps still running, and readiness is off while it is non-zero.
+
+Batching to a latency SLO (`latency_slo_s`, RTMDET_LATENCY_SLO_MS; off by default): every batch's model step
+time is learned per batch size (`service.batch_times.BatchTimeModel`, seeded at start by timing each
+warm-up size). Each request is *due* at its admission time plus the SLO (less `SLO_HEADROOM` for the
+answer's own way out), or at its own deadline if that comes first. Admission predicts when a new request
+would finish (the running batch's rest, the queue ahead in full batches, its own decode) and refuses it at
+once with `CannotMeetDeadline` (503 / RESOURCE_EXHAUSTED, Retry-After from the prediction) if that is past
+its due time, instead of letting it time out later. The worker waits for more requests only while that
+still lets the oldest request finish in time (and never longer than `max_queue_delay`, never with nothing
+on the way: a lone request never waits), then takes as many as lets the most held requests finish by their
+due time, the rest following in full batches (usually a full batch; fewer when that saves the oldest and
+costs nobody behind it).
 """
 from __future__ import annotations
 
@@ -22,24 +34,32 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from model.inference.detections import Detections, DetectParams
 from model.inference.preprocess import LetterboxInfo
 from model.inference.runner import RunnerOutputs
-from service.errors import BatchFailed, DeadlineExceeded, InferenceTimeout, NotAccepting, QueueFull
+from service.batch_times import BatchTimeModel
+from service.errors import BatchFailed, CannotMeetDeadline, DeadlineExceeded, InferenceTimeout, NotAccepting, QueueFull
 from service.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchFailed", "DeadlineExceeded", "DetectParams", "DynamicBatcher", "InferenceTimeout", "NotAccepting",
-           "QueueFull", "StageTimes", "Ticket"]
+# The share of the SLO the batcher plans to use: the rest covers what it does not model (the answer's
+# serialisation, the event loop, scheduling noise on a shared machine).
+SLO_HEADROOM = 0.85
+DECODE_ALPHA = 0.2  # EWMA weight for the admission-to-queue time (decode + letterbox)
+
+__all__ = ["BatchFailed", "CannotMeetDeadline", "DeadlineExceeded", "DetectParams", "DynamicBatcher",
+           "InferenceTimeout", "NotAccepting", "QueueFull", "StageTimes", "Ticket"]
 
 
 class BatchModel(Protocol):
@@ -80,9 +100,11 @@ class _Job:
 class Ticket:
     """A place in the queue, held from admission until the worker takes the request."""
 
-    def __init__(self, batcher: DynamicBatcher) -> None:
+    def __init__(self, batcher: DynamicBatcher, due: float | None = None) -> None:
         self._batcher = batcher
         self._held = True
+        self.admitted_at = time.monotonic()
+        self.due = due  # with an SLO: when this request should be answered (time.monotonic())
 
     def release(self) -> None:
         if self._held:
@@ -99,7 +121,9 @@ class DynamicBatcher:
 
     def __init__(self, model: BatchModel, metrics: ModelMetrics, max_batch_size: int = 8,
                  max_queue_delay_s: float = 0.002, max_queue_size: int = 64, inference_timeout_s: float = 0.0,
-                 max_stalled: int = 2) -> None:
+                 max_stalled: int = 2, latency_slo_s: float | None = None, times: BatchTimeModel | None = None) -> None:
+        if latency_slo_s is not None and latency_slo_s <= 0:
+            raise ValueError(f"latency_slo_s must be positive (or None: off), got {latency_slo_s}")
         self.model = model
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -114,10 +138,17 @@ class DynamicBatcher:
         self._admitted = 0  # admitted and not yet taken into a batch
         self._accepting = False
         self._thread: threading.Thread | None = None
+        self.latency_slo_s = latency_slo_s
+        self.times = times or BatchTimeModel()  # learned with or without an SLO (the metrics show it)
+        self.decode_s = 0.0  # EWMA of admission -> queued (decode + letterbox)
+        self._busy_until = 0.0  # predicted end of the batch now running (time.monotonic()); 0: idle
+        self._held: deque[_Job] = deque()  # SLO mode: taken off the queue, not yet put in a batch (worker only)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            if self.latency_slo_s is not None and not self.times.known():
+                self.calibrate()
             self._accepting = True
             self._thread = threading.Thread(target=self._work, name="rtmdet-inference", daemon=True)
             self._thread.start()
@@ -131,6 +162,28 @@ class DynamicBatcher:
             self._thread = None
         self._model_thread.shutdown(wait=False)
 
+    def calibrate(self, repeats: int = 3) -> None:
+        """Seed the learned times: the model step (forward + post-processing) on a blank image at batch sizes
+        1, 2, 4, ... max_batch_size (the warm-up sizes): the fastest of `repeats` runs after one untimed run (a
+        first call at a new shape pays kernel choices and allocations, seconds on some engines). The fastest,
+        because a time learned too low is corrected by the next batch of that size, while one learned too high
+        may never be: the batcher would not admit enough requests to form that batch."""
+        preprocess = getattr(self.model, "preprocess", None)
+        size = getattr(self.model, "input_size", None)
+        if preprocess is None or size is None:
+            return
+        one, infos = preprocess([np.zeros((size, size, 3), np.uint8)])
+        for n in sorted({min(2 ** i, self.max_batch_size) for i in range(self.max_batch_size.bit_length() + 1)}):
+            batch = one.expand(n, *one.shape[1:]).contiguous()
+            runs = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                self.model.postprocess(self.model.forward(batch), infos * n)
+                runs.append(time.perf_counter() - t0)
+            self.times.observe(n, min(runs[1:]))
+        log.info("batch times learned at start: %s",
+                 ", ".join(f"{n}: {t * 1000:.1f} ms" for n, t in sorted(self.times.snapshot().items())))
+
     @staticmethod
     def _new_model_thread() -> ThreadPoolExecutor:
         return ThreadPoolExecutor(1, thread_name_prefix="rtmdet-model")
@@ -140,16 +193,49 @@ class DynamicBatcher:
         return self._thread is not None and self._thread.is_alive()
 
     # -- the request side (event loop) -------------------------------------------------------------
-    def admit(self) -> Ticket:
+    def admit(self, deadline: float | None = None) -> Ticket:
+        """A place in the queue, or an exception: NotAccepting, QueueFull, or (with an SLO) CannotMeetDeadline
+        when the prediction says this request would finish after its SLO or its `deadline` (monotonic)."""
         with self._lock:
             if not self._accepting:
                 raise NotAccepting("the service is not accepting requests")
             if self._admitted >= self.max_queue_size:
                 self.metrics.rejected.inc()
                 raise QueueFull(f"queue full ({self.max_queue_size} requests waiting); retry later")
+            due = None
+            if self.latency_slo_s is not None:
+                due = self._check_due(time.monotonic(), deadline)
             self._admitted += 1
             self.metrics.queue_depth.set(self._admitted)
-        return Ticket(self)
+        return Ticket(self, due)
+
+    def predicted_latency_s(self, now: float | None = None) -> float | None:
+        """When a request admitted now would be answered, in seconds from now (None: nothing learned yet)."""
+        with self._lock:
+            return self._predicted_latency_s(time.monotonic() if now is None else now)
+
+    def _predicted_latency_s(self, now: float) -> float | None:
+        # Everything admitted and not yet in a batch is ahead of it; they run in full batches.
+        queue_s = self.times.time_for(self._admitted + 1, self.max_batch_size)
+        if queue_s is None:
+            return None
+        return max(self._busy_until - now, 0.0) + queue_s + self.decode_s
+
+    def _check_due(self, now: float, deadline: float | None) -> float:
+        """The request's due time; raises CannotMeetDeadline if the prediction says it will miss it."""
+        slo_due = now + self.latency_slo_s * SLO_HEADROOM
+        due, reason = slo_due, "slo"
+        if deadline is not None and deadline < slo_due:
+            due, reason = deadline, "deadline"
+        predicted = self._predicted_latency_s(now)
+        if predicted is not None and now + predicted > due:
+            self.metrics.refuse(reason)
+            what = (f"its {self.latency_slo_s * 1000:g} ms latency SLO" if reason == "slo"
+                    else "its deadline")
+            raise CannotMeetDeadline(
+                f"refused: with {self._admitted} requests ahead, this one would be answered in about "
+                f"{predicted * 1000:.0f} ms, after {what}; retry later", reason, now + predicted - due)
+        return due
 
     def _release_slot(self) -> None:
         with self._lock:
@@ -161,6 +247,7 @@ class DynamicBatcher:
         """Queue one preprocessed image; wait for its detections (or the deadline)."""
         loop = asyncio.get_running_loop()
         job = _Job(batch, info, params, deadline, loop.create_future(), loop, times, ticket)
+        self.decode_s += DECODE_ALPHA * (job.enqueued_at - ticket.admitted_at - self.decode_s)
         self._queue.put(job)
         try:
             if deadline is None:
@@ -181,21 +268,27 @@ class DynamicBatcher:
         with self._lock:
             return self._admitted > 0
 
+    def _poll(self, wait_s):
+        """The next queued job (or _STOP): at once if one is there, else waiting while `wait_s()` (the seconds
+        still worth waiting, asked again every 0.5 ms) stays positive; None once it is not."""
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                remaining = wait_s()
+                if remaining <= 0:
+                    return None
+                with contextlib.suppress(queue.Empty):
+                    return self._queue.get(timeout=min(remaining, 0.0005))
+
     def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
         batch, stop = [first], False
         self._take(first)
         until = time.monotonic() + self.max_queue_delay_s
         while len(batch) < self.max_batch_size:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                remaining = until - time.monotonic()
-                if remaining <= 0 or not self._more_on_the_way():
-                    break
-                try:
-                    job = self._queue.get(timeout=min(remaining, 0.0005))
-                except queue.Empty:
-                    continue
+            job = self._poll(lambda: until - time.monotonic() if self._more_on_the_way() else 0.0)
+            if job is None:
+                break
             if job is _STOP:
                 stop = True
                 break
@@ -203,13 +296,93 @@ class DynamicBatcher:
             batch.append(job)
         return batch, stop
 
+    def _gather_to_slo(self, first: _Job, reading: bool) -> tuple[list[_Job], bool]:
+        """SLO mode: wait while that still lets the oldest finish, then take the largest batch in time."""
+        held, stop = self._held, False
+        held.appendleft(first)
+        wait_until = time.monotonic() + self.max_queue_delay_s
+
+        def worth_waiting() -> float:
+            with self._lock:
+                on_the_way = self._admitted - len(held)
+            if on_the_way <= 0:
+                return 0.0
+            until = wait_until
+            bigger = self.times.predict(len(held) + 1)
+            if held[0].ticket.due is not None and bigger is not None:
+                until = min(until, held[0].ticket.due - bigger)
+            return until - time.monotonic()
+
+        while reading and len(held) < self.max_batch_size:
+            job = self._poll(worth_waiting)
+            if job is None:
+                break
+            if job is _STOP:
+                stop = True
+                break
+            held.append(job)
+        now = time.monotonic()
+        batch = [held.popleft() for _ in range(self._batch_in_time(now))]
+        for job in batch:
+            self._take(job)
+        return self._shed_late(batch, now), stop
+
+    def _shed_late(self, batch: list[_Job], now: float) -> list[_Job]:
+        """Requests the prediction says would be answered after their SLO even in this batch are answered now
+        (CannotMeetDeadline, reason "late") instead of late: a late answer is no use to an SLO caller, and
+        the model time goes to requests that can still make theirs. Only a misprediction (a stall, the
+        machine slowing) gets a request here; admission keeps the queue within the SLO otherwise."""
+        predicted = self.times.predict(len(batch))
+        if predicted is None:
+            return batch
+        kept = []
+        for job in batch:
+            over = now + predicted - (job.ticket.admitted_at + self.latency_slo_s)
+            if over > 0 and not job.abandoned:
+                self.metrics.refuse("late")
+                self._fail(job, CannotMeetDeadline(
+                    f"dropped before inference: the batch would end about {over * 1000:.0f} ms after this "
+                    f"request's {self.latency_slo_s * 1000:g} ms latency SLO; retry later", "late", over))
+            else:
+                kept.append(job)
+        return kept
+
+    def _batch_in_time(self, now: float) -> int:
+        """How many to take from the head of `_held`: the count that lets the most held requests finish when due,
+        if the rest then follow in full batches (the larger count on a tie). Taking fewer spares the oldest
+        request the time of a bigger batch, but costs throughput that every request behind it pays for."""
+        held, most = self._held, min(len(self._held), self.max_batch_size)
+        if self.times.predict(1) is None:
+            return most  # nothing learned yet: batch as the fixed-delay batcher does
+        dues = [job.ticket.due for job in held]
+        best, fewest = most, None
+        for k in range(most, 0, -1):
+            t, late, start = now, 0, 0
+            for n in (k, *([self.max_batch_size] * -(-(len(dues) - k) // self.max_batch_size))):
+                group = dues[start:start + n]
+                t += self.times.predict(len(group))
+                late += sum(1 for d in group if d is not None and d < t)
+                start += n
+            if fewest is None or late < fewest:
+                best, fewest = k, late
+        return best
+
     def _work(self) -> None:
         stop = False
-        while not stop:
-            first = self._queue.get()
-            if first is _STOP:
+        while True:
+            if self._held:  # SLO mode: requests left over from the last gather go first
+                first = self._held.popleft()
+            elif stop:
                 break
-            batch, stop = self._gather(first)
+            else:
+                first = self._queue.get()
+                if first is _STOP:
+                    break
+            if self.latency_slo_s is None:
+                batch, stopped = self._gather(first)
+            else:
+                batch, stopped = self._gather_to_slo(first, reading=not stop)
+            stop = stop or stopped
             try:
                 self._run_batch(batch)
             except Exception:  # never let the worker die; _run_batch already answered the requests
@@ -242,9 +415,12 @@ class DynamicBatcher:
         live = self._live_jobs(batch)
         if not live:
             return
+        predicted = self.times.predict(len(live))
+        self._busy_until = time.monotonic() + (predicted or 0.0)
         try:
             results, sub_batches, t_inf, t_post = self._watched(live)
         except Exception as exc:
+            self._busy_until = 0.0
             self.metrics.batch_failures.inc()
             if isinstance(exc, BatchFailed):
                 log.error("batch of %d failed: %s", len(live), exc)
@@ -255,8 +431,14 @@ class DynamicBatcher:
             for job in live:
                 self._fail(job, err)
             return
+        self._busy_until = 0.0
         for n in sub_batches:
             self.metrics.batch_size.observe(n)
+        if len(sub_batches) == 1:  # an OOM-split batch's time is not that of its size
+            self.times.observe(len(live), t_inf + t_post)
+            self.metrics.batch_actual.observe(t_inf + t_post)
+            if predicted is not None:
+                self.metrics.batch_predicted.observe(predicted)
         self.metrics.observe_stage("inference", t_inf)
         self.metrics.observe_stage("postprocess", t_post)
         for job, dets in zip(live, results):

@@ -60,9 +60,14 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from service.serve_env import apply_thread_counts, ensure_before_torch
+
+    ensure_before_torch()  # may re-exec this process
     from service.server import run
 
-    return run(settings_from_args(args))
+    settings = settings_from_args(args)
+    print(f"rtmdet serve: {apply_thread_counts(settings.torch_threads, settings.opencv_threads)}", flush=True)
+    return run(settings)
 
 
 def add_client(sub: argparse._SubParsersAction) -> None:

@@ -6,11 +6,19 @@ attributes; neither keeps a mapping of its own.
 """
 from __future__ import annotations
 
+import math
+
 
 class ServiceError(Exception):
     http_status: int = 500
     grpc_code: str = "INTERNAL"
     headers: dict[str, str] = {}  # read-only class default
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What gRPC sends in the trailers: a `Retry-After` goes out as `retry-after` (gRPC has no header of
+        its own for it)."""
+        retry = self.headers.get("Retry-After")
+        return (("retry-after", retry),) if retry else ()
 
 
 class InvalidRequest(ServiceError, ValueError):
@@ -50,6 +58,23 @@ class QueueFull(ServiceError):
 
     http_status, grpc_code = 503, "RESOURCE_EXHAUSTED"
     headers = {"Retry-After": "1"}
+
+
+class CannotMeetDeadline(ServiceError):
+    """Refused at admission: with the queue ahead, the learned batch times say this request would finish after
+    its latency SLO (`reason="slo"`) or its own deadline (`reason="deadline"`). `retry_after_s` is when the
+    prediction says the queue will have drained enough."""
+
+    http_status, grpc_code = 503, "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, reason: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.reason, self.retry_after_s = reason, retry_after_s
+        # HTTP's Retry-After is whole seconds (RFC 9110); gRPC also gets the milliseconds.
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (*super().trailing_metadata(), ("retry-after-ms", str(max(1, math.ceil(self.retry_after_s * 1000)))))
 
 
 class NotAccepting(ServiceError):

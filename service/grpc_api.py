@@ -33,9 +33,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class RequestFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, metadata: tuple = ()) -> None:
         super().__init__(details)
-        self.code, self.details = code, details
+        self.code, self.details, self.metadata = code, details, metadata
 
 
 def response_from(out: DetectOutcome, request_id: str) -> pb.DetectResponse:
@@ -96,7 +96,8 @@ class DetectorServicer(pb_grpc.DetectorServicer):
             raise
         except Exception as exc:
             code, details = status_for(exc)
-            raise RequestFailed(code, details) from None
+            metadata = exc.trailing_metadata() if isinstance(exc, ServiceError) else ()
+            raise RequestFailed(code, details, metadata) from None
         finally:
             record.finish(code.name)
 
@@ -109,7 +110,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         try:
             return await self._counted("Detect", request, self._deadline(context))
         except RequestFailed as exc:
-            await context.abort(exc.code, exc.details)
+            await context.abort(exc.code, exc.details, exc.metadata)
 
     async def DetectStream(self, request_iterator, context):
         """Frames are pipelined (up to `max_batch_size` in flight, so they can share batches) and answered
@@ -134,7 +135,7 @@ class DetectorServicer(pb_grpc.DetectorServicer):
                 try:
                     yield await task
                 except RequestFailed as exc:
-                    await context.abort(exc.code, exc.details)
+                    await context.abort(exc.code, exc.details, exc.metadata)
             await reader  # surfaces errors from reading the stream
         finally:
             reader.cancel()

@@ -46,6 +46,17 @@ class ServiceMetrics:
                                ["reason", "model"], registry=r)
         self.rejected = Counter("rtmdet_batcher_rejected_total", "Requests refused because the queue was full",
                                 ["model"], registry=r)
+        self.refused = Counter("rtmdet_batcher_refused_total",
+                               "Requests refused because the learned batch times say they would finish too "
+                               "late: at admission (reason slo or deadline) or, after a misprediction, just "
+                               "before their batch (reason late)", ["reason", "model"], registry=r)
+        self.batch_predicted = Histogram("rtmdet_batch_predicted_seconds",
+                                         "Model step time the batcher predicted for each batch it ran", ["model"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_actual = Histogram("rtmdet_batch_actual_seconds",
+                                      "Model step time (forward + post-processing) each batch took; compare with "
+                                      "rtmdet_batch_predicted_seconds", ["model"], buckets=LATENCY_BUCKETS,
+                                      registry=r)
         self.batch_failures = Counter("rtmdet_batch_failures_total", "Batches whose inference raised", ["model"],
                                       registry=r)
         self.inference_timeouts = Counter("rtmdet_inference_timeouts_total",
@@ -90,11 +101,17 @@ class ModelMetrics:
         self.inference_timeouts = metrics.inference_timeouts.labels(model=model)
         self.stalled = metrics.stalled.labels(model=model)
         self.oom_splits = metrics.oom_splits.labels(model=model)
+        self.batch_predicted = metrics.batch_predicted.labels(model=model)
+        self.batch_actual = metrics.batch_actual.labels(model=model)
         self._dropped = metrics.dropped
+        self._refused = metrics.refused
         self._stages = {stage: metrics.stage_latency.labels(stage=stage, model=model) for stage in STAGES}
 
     def drop(self, reason: str) -> None:
         self._dropped.labels(reason=reason, model=self.model).inc()
+
+    def refuse(self, reason: str) -> None:
+        self._refused.labels(reason=reason, model=self.model).inc()
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self._stages[stage].observe(seconds)

@@ -178,7 +178,8 @@ class DetectionService:
         with self.registry.lease(model) as version:
             params = self.params(version, query)
             batcher = version.batcher
-            ticket = batcher.admit()  # QueueFull at once when the queue is full
+            # QueueFull at once when the queue is full; with an SLO, CannotMeetDeadline when it would be late.
+            ticket = batcher.admit(deadline)
             mm = batcher.metrics
             try:
                 times = StageTimes()

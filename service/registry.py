@@ -208,9 +208,11 @@ class ModelRegistry:
         except BaseException:
             runner.close()
             raise
+        slo_ms = spec.latency_slo_ms or s.latency_slo_ms
         batcher = DynamicBatcher(detector, self.metrics.for_model(spec.name), s.max_batch_size,
                                  s.max_queue_delay_ms / 1000.0, s.max_queue_size,
-                                 inference_timeout_s=s.inference_timeout_s)
+                                 inference_timeout_s=s.inference_timeout_s,
+                                 latency_slo_s=slo_ms / 1000.0 if slo_ms else None)
         batcher.start()
         gauge = self.metrics.versions_loaded.labels(model=spec.name)
         gauge.inc()
@@ -339,7 +341,7 @@ def info_labels(version: ModelVersion) -> dict[str, str]:
 
 # -- where specs come from --------------------------------------------------------------------------------
 _OPTION_ALIASES = {"img_size": "input_size"}
-MODEL_OPTIONS = ("size", "input_size", "backend", "num_classes", "accelerate")
+MODEL_OPTIONS = ("size", "input_size", "backend", "num_classes", "accelerate", "latency_slo_ms")
 
 
 def parse_model_option(text: str, settings: ServiceSettings) -> ModelSpec:
@@ -357,7 +359,7 @@ def parse_model_option(text: str, settings: ServiceSettings) -> ModelSpec:
         key = _OPTION_ALIASES.get(key.strip(), key.strip())
         if not sep or key not in MODEL_OPTIONS:
             raise ValueError(f"--model {text!r}: unknown option {opt!r}; known: size, img_size, backend, num_classes, "
-                             "accelerate")
+                             "accelerate, latency_slo_ms")
         fields[key] = value.strip()
     try:
         return ModelSpec(**fields)

@@ -66,6 +66,7 @@ class ModelSpec(BaseModel):
     class_names: list[str] | None = None
     num_classes: int | None = Field(None, ge=1)  # pinned: a file with another class count is refused
     version: str | None = None  # the repository's version folder; None: from the weights' hash
+    latency_slo_ms: float | None = Field(None, gt=0.0)  # None: the service's RTMDET_LATENCY_SLO_MS
     triton: TritonSettings = Field(default_factory=TritonSettings)
 
     _known_size = field_validator("size")(known_size)
@@ -110,12 +111,19 @@ class ServiceSettings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, le=256)
     max_queue_delay_ms: float = Field(2.0, ge=0.0)
     max_queue_size: int = Field(64, ge=1)
+    # Batch to a latency SLO (ms, per model; a model's own `latency_slo_ms` overrides it): requests that the
+    # learned batch times say would be answered later are refused at admission (503 / RESOURCE_EXHAUSTED with
+    # Retry-After). None: off, the fixed `max_queue_delay_ms` batcher.
+    latency_slo_ms: float | None = Field(None, gt=0.0)
     request_timeout_s: float = Field(30.0, gt=0.0)  # HTTP deadline unless the request sets `timeout_ms`
     header_timeout_s: float = Field(10.0, gt=0.0)  # for an HTTP request line + headers, from connect or last reply
     # Watchdog: a model step (forward + post-processing of one batch) running longer than this fails its
     # requests (500/INTERNAL) and the batcher carries on in a fresh thread; 0 turns it off.
     inference_timeout_s: float = Field(60.0, ge=0.0)
     decode_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    # Threads (see service/serve_env.py; RTMDET_OMP_WAIT_POLICY, default PASSIVE, is read before torch loads).
+    torch_threads: int = Field(0, ge=0)  # torch intra-op threads; 0: one per core
+    opencv_threads: int = Field(1, ge=0)  # OpenCV's own pool per call (decoding is already one image a thread)
     warmup: bool = True
 
     # Network.

@@ -1,0 +1,166 @@
+"""Batching to a latency SLO against fixed-delay batching, under open-loop (Poisson) load.
+
+    .venv/bin/python bench/bench_slo.py [--slo-ms 1000] [--duration 20] [--input-size 320] [--batch 8]
+
+What runs: the service's own request path in-process (`DetectionService.detect_encoded`: JPEG decode and
+letterbox on the decode pool, the model's batcher, the real RTMDet-tiny torch runner, NMS), without HTTP:
+on a 2-core machine shared with other jobs the HTTP server and its client would take cores from the model
+and measure the neighbours more than the batcher. Capacity is measured first (closed loop, 2 x batch
+clients on the fixed-delay batcher, images/s); then each batcher gets Poisson arrivals at 50 %, 90 % and
+150 % of it, one `--duration` window per cell, the batchers taking turns at each rate. Every request
+carries the HTTP default deadline (RTMDET_REQUEST_TIMEOUT_S, 30 s). Printed per cell: p50/p99 of answered
+requests (ms), goodput (answers within the SLO per second of the window), refusals (503s: queue full or,
+for the SLO batcher, refused at admission or shed) and other errors. Goals: p99 of answered <= SLO at
+every rate, goodput at 150 % >= 0.9 x capacity, p50 at 50 % no worse than the fixed batcher's.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see docs/service.md)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import random  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_service import weights_or_random  # noqa: E402
+
+from service.errors import CannotMeetDeadline, NotAccepting, QueueFull  # noqa: E402
+from service.pipeline import DetectionService  # noqa: E402
+from service.schemas import DetectQuery  # noqa: E402
+from service.settings import DEFAULT_WEIGHTS, ServiceSettings  # noqa: E402
+
+QUERY = DetectQuery()
+
+
+def make_service(weights: Path, args, slo_ms: float | None, delay_ms: float) -> DetectionService:
+    settings = ServiceSettings(weights=weights, size=args.size, input_size=args.input_size, device="cpu",
+                               max_batch_size=args.batch, max_queue_delay_ms=delay_ms, max_queue_size=args.queue,
+                               latency_slo_ms=slo_ms, decode_threads=2, warmup=True)
+    service = DetectionService(settings)
+    service.load()
+    return service
+
+
+async def one(service: DetectionService, data: bytes, out: dict) -> None:
+    t0 = time.monotonic()
+    try:
+        await service.detect_encoded(None, data, QUERY, t0 + service.settings.request_timeout_s)
+        out["lat"].append(time.monotonic() - t0)
+    except (QueueFull, CannotMeetDeadline, NotAccepting):
+        out["refused"] += 1
+    except Exception as exc:  # noqa: BLE001 (counted and shown, the run goes on)
+        out["errors"] += 1
+        out["last_error"] = f"{type(exc).__name__}: {exc}"
+
+
+async def closed_loop(service: DetectionService, data: bytes, clients: int, duration: float) -> float:
+    done, end = 0, time.monotonic() + duration
+
+    async def client():
+        nonlocal done
+        while time.monotonic() < end:
+            await service.detect_encoded(None, data, QUERY, None)
+            done += 1
+    t0 = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return done / (time.monotonic() - t0)
+
+
+async def open_loop(service: DetectionService, data: bytes, rate: float, duration: float, seed: int) -> dict:
+    rng, out = random.Random(seed), {"lat": [], "refused": 0, "errors": 0, "sent": 0}
+    tasks, t0 = [], time.monotonic()
+    next_at = t0
+    while next_at < t0 + duration:
+        await asyncio.sleep(max(next_at - time.monotonic(), 0.0))
+        tasks.append(asyncio.ensure_future(one(service, data, out)))
+        out["sent"] += 1
+        next_at += rng.expovariate(rate)
+    await asyncio.wait_for(asyncio.gather(*tasks), service.settings.request_timeout_s + 10)
+    return out
+
+
+def row(name: str, pct: int, rate: float, out: dict, slo_s: float, duration: float) -> str:
+    lat = np.array(out["lat"]) * 1000.0
+    p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (float("nan"),) * 2)
+    good = float((lat <= slo_s * 1000.0).sum()) / duration
+    err = f" ({out['last_error']})" if out["errors"] else ""
+    return (f"| {name} | {pct} % ({rate:.1f}/s) | {out['sent']} | {lat.size} | {p50:.0f} | {p99:.0f} | {good:.2f} | "
+            f"{out['refused']} | {out['errors']}{err} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--input-size", type=int, default=320)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--queue", type=int, default=64, help="max_queue_size (the fixed batchers' only overload limit)")
+    ap.add_argument("--slo-ms", type=float, default=1000.0)
+    ap.add_argument("--fixed-delays-ms", type=float, nargs="+", default=[2.0, 10.0])
+    ap.add_argument("--rates", type=int, nargs="+", default=[50, 90, 150], help="percent of measured capacity")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per cell")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--image", type=Path, default=REPO / "examples" / "astronaut.jpg")
+    args = ap.parse_args()
+
+    import torch
+    torch.set_num_threads(args.threads)
+    tmp = tempfile.TemporaryDirectory()
+    weights = weights_or_random(args.weights, args.size, Path(tmp.name))
+    data = args.image.read_bytes()
+    slo_s = args.slo_ms / 1000.0
+    print(f"{args.size} at {args.input_size}, batch {args.batch}, {os.cpu_count()} CPUs, torch threads "
+          f"{args.threads}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, SLO {args.slo_ms:g} ms, "
+          f"{args.duration:g} s per cell, image {args.image.name}")
+
+    configs = [(f"SLO {args.slo_ms:g} ms (delay cap 2 ms)", args.slo_ms, 2.0)]
+    configs += [(f"fixed delay {d:g} ms", None, d) for d in args.fixed_delays_ms]
+    service = make_service(weights, args, None, args.fixed_delays_ms[0])
+    try:
+        asyncio.run(closed_loop(service, data, 2 * args.batch, 3.0))  # warm the whole path
+        capacity = asyncio.run(closed_loop(service, data, 2 * args.batch, 10.0))
+    finally:
+        service.shutdown()
+    print(f"capacity (closed loop, {2 * args.batch} clients, fixed delay {args.fixed_delays_ms[0]:g} ms): "
+          f"{capacity:.2f} img/s")
+
+    # Every batcher loaded at once and the cells interleaved (each rate: every batcher in turn, same arrival
+    # times), so that a change in the neighbours' load hits all of them alike.
+    services = [(name, make_service(weights, args, slo_ms, delay_ms)) for name, slo_ms, delay_ms in configs]
+    lines: dict[str, list[str]] = {name: [] for name, _ in services}
+    try:
+        learned = services[0][1].registry.slot(None).current.batcher.times.snapshot()
+        print(f"{services[0][0]}: learned at start " + ", ".join(f"{n}: {t * 1000:.0f} ms" for n, t in learned.items()))
+        for i, pct in enumerate(args.rates):
+            rate = capacity * pct / 100.0
+            for name, service in services:
+                out = asyncio.run(open_loop(service, data, rate, args.duration, seed=i))
+                lines[name].append(row(name, pct, rate, out, slo_s, args.duration))
+                print(lines[name][-1], flush=True)
+    finally:
+        for _, service in services:
+            service.shutdown()
+
+    print()
+    print(f"capacity {capacity:.2f} img/s; SLO {args.slo_ms:g} ms; goodput = answers within the SLO per second")
+    print("| batcher | load | sent | answered | p50 ms | p99 ms | goodput/s | refused (503) | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in lines:
+        for line in lines[name]:
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
