@@ -8,7 +8,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from service.tls import client_ssl_context
+
 ImageInput = bytes | str | os.PathLike
+PathLike = str | os.PathLike
+
+
+def _read_optional(path: PathLike | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
 
 def _image_bytes(image: ImageInput) -> bytes:
@@ -19,9 +26,13 @@ class HttpDetectorClient:
     """`HttpDetectorClient("http://127.0.0.1:8000").detect("cat.jpg")` -> dict."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, ca: PathLike | None = None, cert: PathLike | None = None,
+                 key: PathLike | None = None) -> None:
+        """`ca`: the CA file that signed the server's certificate (default: the system's roots), for an
+        https:// URL; `cert`/`key`: this client's certificate and key, for a server that demands one (mTLS)."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+        verify = client_ssl_context(ca, cert, key) if (ca or cert or base_url.startswith("https:")) else True
+        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout, verify=verify)
 
     def close(self) -> None:
         self.http.close()
@@ -104,7 +115,10 @@ class GrpcDetectorClient:
     """`GrpcDetectorClient("127.0.0.1:50051").detect("cat.jpg")` -> dict (or `.detect_pb` for the message)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, timeout: float = 60.0,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_message_bytes: int = 64 * 1024 * 1024, ca: PathLike | None = None,
+                 cert: PathLike | None = None, key: PathLike | None = None, tls: bool = False) -> None:
+        """TLS when `tls` or any of `ca` (the CA that signed the server's certificate; default: gRPC's
+        roots), `cert`/`key` (this client's certificate and key, for mTLS) is given."""
         import grpc
 
         from service.proto_gen.rtmdet.v1 import detector_pb2, detector_pb2_grpc
@@ -112,7 +126,13 @@ class GrpcDetectorClient:
         self.pb = detector_pb2
         opts = [("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(target, options=opts)
+        if tls or ca or cert or key:
+            creds = grpc.ssl_channel_credentials(root_certificates=_read_optional(ca),
+                                                 private_key=_read_optional(key),
+                                                 certificate_chain=_read_optional(cert))
+            self.channel = grpc.secure_channel(target, creds, options=opts)
+        else:
+            self.channel = grpc.insecure_channel(target, options=opts)
         self.stub = detector_pb2_grpc.DetectorStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.timeout = timeout

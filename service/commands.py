@@ -25,6 +25,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="serve this model under NAME (repeatable; the first is the default)")
     p.add_argument("--model-repository", type=Path, metavar="DIR",
                    help="serve every model in DIR/<model>/<version>/ (SIGHUP re-reads it)")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="TLS certificate (chain) for HTTPS and gRPC")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key")
+    p.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                   help="demand client certificates signed by this CA (mTLS) on both protocols")
+    p.add_argument("--health-port", type=int, help="a plain-text HTTP port for /healthz, /readyz and /metrics only")
+    p.add_argument("--log-format", choices=("text", "json"))
     p.set_defaults(func=run_serve)
 
 
@@ -36,7 +42,12 @@ def settings_from_args(args: argparse.Namespace):
 
     overrides = {k: v for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
                                    "weights": args.weights, "size": args.size, "device": args.device,
-                                   "model_repository": getattr(args, "model_repository", None)}.items()
+                                   "model_repository": getattr(args, "model_repository", None),
+                                   "tls_cert_file": getattr(args, "tls_cert", None),
+                                   "tls_key_file": getattr(args, "tls_key", None),
+                                   "tls_client_ca_file": getattr(args, "tls_client_ca", None),
+                                   "health_port": getattr(args, "health_port", None),
+                                   "log_format": getattr(args, "log_format", None)}.items()
                  if v is not None}
     try:
         settings = ServiceSettings(**overrides)
@@ -72,6 +83,10 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-detections", type=int)
     p.add_argument("--classes", nargs="*")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds")
+    p.add_argument("--ca", type=Path, metavar="PEM", help="the CA that signed the server's certificate (TLS)")
+    p.add_argument("--cert", type=Path, metavar="PEM", help="this client's certificate, for mTLS")
+    p.add_argument("--key", type=Path, metavar="PEM", help="this client's private key, for mTLS")
+    p.add_argument("--tls", action="store_true", help="gRPC over TLS with the system's roots (implied by --ca)")
     p.set_defaults(func=run_client)
 
 
@@ -96,7 +111,8 @@ def run_client(args: argparse.Namespace) -> int:
 
             from service.client import GrpcDetectorClient
             try:
-                with GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout) as c:
+                with GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout, ca=args.ca,
+                                        cert=args.cert, key=args.key, tls=args.tls) as c:
                     result = call(c)
             except grpc.RpcError as exc:
                 print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -106,7 +122,8 @@ def run_client(args: argparse.Namespace) -> int:
 
             from service.client import HttpDetectorClient
             try:
-                with HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout) as c:
+                with HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout, ca=args.ca,
+                                        cert=args.cert, key=args.key) as c:
                     result = call(c)
             except httpx.HTTPStatusError as exc:
                 print(f"error: HTTP {exc.response.status_code}: {exc.response.text}", file=sys.stderr)
