@@ -1,6 +1,7 @@
 """Helpers for the service tests: a test checkpoint, real `rtmdet serve` subprocesses, image bytes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -127,6 +128,16 @@ class ServerProcess:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@contextlib.contextmanager
+def serving(srv: ServerProcess):
+    """A started server, waited ready, stopped on the way out (for module fixtures: `with serving(...) as s`)."""
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
 
 
 def bgr(rgb: np.ndarray) -> np.ndarray:

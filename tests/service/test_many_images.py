@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import httpx
 import pytest
-from svc_helpers import ServerProcess, jpeg
+from svc_helpers import ServerProcess, jpeg, serving
 
 from service.client import GrpcDetectorClient
 
@@ -16,11 +16,8 @@ CAP = 3
 def srv(checkpoint, tmp_path_factory):
     s = ServerProcess(checkpoint, tmp_path_factory.mktemp("logs") / "many.log", RTMDET_MAX_IMAGES_PER_REQUEST=str(CAP),
                       RTMDET_MAX_QUEUE_DELAY_MS="100", RTMDET_MAX_BATCH_SIZE="8", RTMDET_WARMUP="false")
-    try:
-        s.wait_ready()
+    with serving(s):
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

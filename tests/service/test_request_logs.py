@@ -9,7 +9,7 @@ import time
 import grpc
 import httpx
 import pytest
-from svc_helpers import ServerProcess, jpeg
+from svc_helpers import ServerProcess, jpeg, serving
 
 from service.client import GrpcDetectorClient
 
@@ -18,11 +18,8 @@ from service.client import GrpcDetectorClient
 def srv(checkpoint, tmp_path_factory):
     s = ServerProcess(checkpoint, tmp_path_factory.mktemp("logs") / "json.log", RTMDET_LOG_FORMAT="json",
                       RTMDET_WARMUP="false")
-    try:
-        s.wait_ready()
+    with serving(s):
         yield s
-    finally:
-        s.stop()
 
 
 def log_records(srv, request_id: str, timeout: float = 10.0) -> list[dict]:

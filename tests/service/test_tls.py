@@ -11,7 +11,7 @@ import sys
 import grpc
 import httpx
 import pytest
-from svc_helpers import REPO, ServerProcess, free_port, jpeg
+from svc_helpers import REPO, ServerProcess, free_port, jpeg, serving
 from tls_certs import TestCA
 
 from service.client import GrpcDetectorClient, HttpDetectorClient
@@ -35,11 +35,8 @@ def tls_server(checkpoint, pki, tmp_path_factory):
                         verify=client_ssl_context(pki["ca"].cert_file, None, None),
                         RTMDET_HEALTH_PORT=str(health_port), RTMDET_WARMUP="false")
     srv.health = f"http://127.0.0.1:{health_port}"
-    try:
-        srv.wait_ready()
+    with serving(srv):
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +46,8 @@ def mtls_server(checkpoint, pki, tmp_path_factory):
                         verify=client_ssl_context(pki["ca"].cert_file, pki["client"].cert, pki["client"].key),
                         RTMDET_TLS_CERT_FILE=str(pki["server"].cert), RTMDET_TLS_KEY_FILE=str(pki["server"].key),
                         RTMDET_TLS_CLIENT_CA_FILE=str(pki["ca"].cert_file), RTMDET_WARMUP="false")
-    try:
-        srv.wait_ready()
+    with serving(srv):
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +148,7 @@ def serve_with(tmp_path, *flags: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("case", ["missing-cert", "missing-key", "mismatched", "garbage-cert", "garbage-key",
-                                  "cert-without-key", "garbage-ca"])
+                                  "cert-without-key", "garbage-ca", "unreadable-key"])
 def test_bad_tls_files_stop_the_start_with_one_line_naming_the_file(case, pki, tmp_path):
     good, other = pki["server"], pki["client"]
     cert, key, ca = good.cert, good.key, None
@@ -170,6 +164,9 @@ def test_bad_tls_files_stop_the_start_with_one_line_naming_the_file(case, pki, t
     elif case == "garbage-key":
         key = named = tmp_path / "garbage.key"
         named.write_text("hello\n")
+    elif case == "unreadable-key":  # a folder where the key should be (root reads any file, so not chmod)
+        key = named = tmp_path / "keydir"
+        named.mkdir()
     elif case == "garbage-ca":
         ca = named = tmp_path / "garbage-ca.pem"
         named.write_text("nothing here\n")
