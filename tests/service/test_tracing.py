@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 
 import grpc
 import httpx
@@ -13,7 +14,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from svc_helpers import INPUT_SIZE, jpeg
+from svc_helpers import INPUT_SIZE, ServerProcess, jpeg, serving
 
 from service.grpc_api import create_grpc_server
 from service.http_api import create_app
@@ -149,3 +150,61 @@ def test_tracing_is_off_unless_the_environment_asks():
     assert not enabled_by_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_SDK_DISABLED": "true"})
     assert not enabled_by_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x", "OTEL_TRACES_EXPORTER": "none"})
     assert enabled_by_env({"OTEL_TRACES_EXPORTER": "console"})
+
+
+class OtlpSink:
+    """A bare OTLP/HTTP trace receiver on 127.0.0.1: keeps every span the server exports."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        self.spans: list = []
+        sink = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                req = ExportTraceServiceRequest.FromString(body)
+                sink.spans += [s for rs in req.resource_spans for ss in rs.scope_spans for s in ss.spans]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_real_server_exports_otlp_when_the_endpoint_is_set(checkpoint, photos, tmp_path):
+    """The environment alone turns tracing on: `rtmdet serve` with OTEL_EXPORTER_OTLP_ENDPOINT sends its spans
+    to that endpoint (a receiver in this test), and the trace is the one the client's traceparent named."""
+
+    sink = OtlpSink()
+    try:
+        with serving(ServerProcess(checkpoint, tmp_path / "otlp.log", OTEL_EXPORTER_OTLP_ENDPOINT=sink.url,
+                                   OTEL_BSP_SCHEDULE_DELAY="100", RTMDET_WARMUP="false")) as srv:
+            r = httpx.post(f"{srv.http}/detect", content=jpeg(photos["coffee"]), timeout=60, headers={
+                "Content-Type": "image/jpeg", "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "X-Request-ID": "otlp-1"})
+            assert r.status_code == 200 and r.headers["traceparent"].startswith(f"00-{TRACE_ID}-")
+            for _ in range(100):
+                if {"rtmdet.detect", "rtmdet.batch"} <= {s.name for s in sink.spans}:
+                    break
+                time.sleep(0.1)
+    finally:
+        sink.server.shutdown()
+    mine = [s for s in sink.spans if s.trace_id.hex() == TRACE_ID]
+    assert {s.name for s in mine} == {"POST /detect", "rtmdet.detect", *STAGES}
+    (server,) = [s for s in mine if s.name == "POST /detect"]
+    assert server.parent_span_id.hex() == PARENT_ID
+    assert any(a.key == "rtmdet.request_id" and a.value.string_value == "otlp-1" for a in server.attributes)
+    (detect,) = [s for s in mine if s.name == "rtmdet.detect"]
+    batches = [s for s in sink.spans if s.name == "rtmdet.batch" and any(
+        link.span_id == detect.span_id for link in s.links)]
+    assert len(batches) == 1
