@@ -166,11 +166,15 @@ class DetectorServicer(pb_grpc.DetectorServicer):
 
     async def DetectStream(self, request_iterator, context):
         """Frames are pipelined (up to `max_batch_size` in flight, so they can share batches) and answered
-        in order. The first failing frame ends the stream with its status."""
+        in order. The first failing frame ends the stream with its status. The call has one request id
+        (metadata `x-request-id`, else made) and one access line; each frame echoes its own `request_id`."""
         window = max(1, self.service.settings.max_batch_size)
         pending: asyncio.Queue = asyncio.Queue(maxsize=window)
+        ctx = logs.RequestContext(await self._call_ids(context), "grpc", "/rtmdet.v1.Detector/DetectStream")
+        status = "CANCELLED"  # unless the stream ends or a frame fails
 
         async def read_frames() -> None:
+            logs.current.set(ctx)  # this task's own context: the frames it starts log with the call's id
             try:
                 async for request in request_iterator:
                     task = asyncio.ensure_future(self._counted("DetectStream", request, self._deadline(context)))
@@ -187,14 +191,17 @@ class DetectorServicer(pb_grpc.DetectorServicer):
                 try:
                     yield await task
                 except RequestFailed as exc:
+                    status = exc.code.name
                     await context.abort(exc.code, exc.details)
             await reader  # surfaces errors from reading the stream
+            status = "OK"
         finally:
             reader.cancel()
             while not pending.empty():
                 task = pending.get_nowait()
                 if task is not None:
                     task.cancel()
+            logs.access(ctx, status)
 
     async def GetModelInfo(self, request, context):
         try:

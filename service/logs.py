@@ -67,7 +67,8 @@ def access(ctx: RequestContext, status: str | int) -> None:
         return
     duration = round((time.perf_counter() - ctx.started) * 1000.0, 3)
     ACCESS.log(level, "%s %s %s %.1f ms", ctx.protocol, ctx.route, status, duration,
-               extra={"status": str(status), "duration_ms": duration, "stages": ctx.stages, "route": ctx.route,
+               extra={"request_id": ctx.request_id, "status": str(status), "duration_ms": duration,
+                      "stages": ctx.stages, "route": ctx.route,
                       "protocol": ctx.protocol, "model": ctx.model})
 
 

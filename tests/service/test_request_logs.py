@@ -81,3 +81,15 @@ def test_every_log_line_is_one_json_object(srv):
     # the server's own start-up lines are plain `rtmdet serve:` prints on stdout; nothing else is unstructured
     others = [ln for ln in srv.log_path.read_text().splitlines() if not ln.startswith(("{", "rtmdet serve:"))]
     assert others == []
+
+
+def test_grpc_stream_has_one_call_id_and_one_access_line(srv, photos):
+    frame = jpeg(photos["coffee"])
+    with GrpcDetectorClient(srv.grpc, timeout=60) as c:
+        call = c.stub.DetectStream(iter([c.request(frame, request_id="f0"), c.request(frame, request_id="f1")]),
+                                   timeout=60, metadata=(("x-request-id", "stream-3"),))
+        assert [r.request_id for r in call] == ["f0", "f1"]  # each frame echoes its own id
+        assert ("x-request-id", "stream-3") in call.initial_metadata()
+    (line,) = log_records(srv, "stream-3")
+    assert (line["route"], line["status"], line["model"]) == ("/rtmdet.v1.Detector/DetectStream", "OK", "default")
+    assert len(line["stages"]) == 2 and all(s["inference_ms"] > 0 for s in line["stages"])
