@@ -93,3 +93,24 @@ def test_grpc_stream_has_one_call_id_and_one_access_line(srv, photos):
     (line,) = log_records(srv, "stream-3")
     assert (line["route"], line["status"], line["model"]) == ("/rtmdet.v1.Detector/DetectStream", "OK", "default")
     assert len(line["stages"]) == 2 and all(s["inference_ms"] > 0 for s in line["stages"])
+
+
+def test_any_line_logged_during_a_request_carries_its_id(capsys):
+    """The filter stamps every record written inside the request's scope, whichever logger writes it."""
+    import logging
+
+    from service import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.configure("json")
+    try:
+        with logs.request_scope("scope-5", "http", "/detect"):
+            logging.getLogger("rtmdet.somewhere").warning("inside")
+        logging.getLogger("rtmdet.somewhere").warning("outside")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    inside, outside = (json.loads(line) for line in capsys.readouterr().err.splitlines())
+    assert inside["request_id"] == "scope-5" and inside["route"] == "/detect" and inside["message"] == "inside"
+    assert "request_id" not in outside
