@@ -22,7 +22,7 @@ ACCESS = logging.getLogger("rtmdet.access")
 REQUEST_ID_HEADER = "x-request-id"  # HTTP header and gRPC metadata key (gRPC keys are lower case)
 # What we echo back and write into logs: a client's id when it is a plain token, else one of ours.
 _GOOD_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-_RECORD_FIELDS = ("request_id", "model", "route", "protocol", "status", "duration_ms", "stages")
+_RECORD_FIELDS = ("request_id", "model", "route", "protocol", "status", "duration_ms", "stages", "shed_left_out")
 
 
 def request_id_from(given: str | None) -> str:
@@ -60,16 +60,44 @@ def record_stages(model: str, stages: dict) -> None:
         ctx.stages.append(stages)
 
 
+class _ShedLines:
+    """At most one access line a second for requests shed because the queue is full (503 /
+    RESOURCE_EXHAUSTED), with the count left out since the last: under overload, a line per shed request
+    would spend the CPU the service needs to recover (measured: bench/soak.py's overload run then misses its
+    recovery bound). The metrics count every one (rtmdet_batcher_rejected_total)."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        self.period_s, self.last, self.suppressed = period_s, -float("inf"), 0
+
+    def admit(self) -> int | None:
+        """None: leave this line out; else the number left out before it."""
+        now = time.monotonic()
+        if now - self.last < self.period_s:
+            self.suppressed += 1
+            return None
+        left_out, self.last, self.suppressed = self.suppressed, now, 0
+        return left_out
+
+
+SHED = {"503", "RESOURCE_EXHAUSTED"}
+_shed = _ShedLines()
+
+
 def access(ctx: RequestContext, status: str | int) -> None:
     """The request's one access line (INFO on rtmdet.access; WARNING for 5xx and gRPC server errors)."""
     level = logging.WARNING if str(status)[:1] == "5" or status in SERVER_ERRORS else logging.INFO
     if not ACCESS.isEnabledFor(level):
         return
+    extra = {"request_id": ctx.request_id, "status": str(status), "route": ctx.route, "protocol": ctx.protocol,
+             "model": ctx.model, "stages": ctx.stages}
+    if str(status) in SHED:
+        left_out = _shed.admit()
+        if left_out is None:
+            return
+        extra["shed_left_out"] = left_out
     duration = round((time.perf_counter() - ctx.started) * 1000.0, 3)
-    ACCESS.log(level, "%s %s %s %.1f ms", ctx.protocol, ctx.route, status, duration,
-               extra={"request_id": ctx.request_id, "status": str(status), "duration_ms": duration,
-                      "stages": ctx.stages, "route": ctx.route,
-                      "protocol": ctx.protocol, "model": ctx.model})
+    extra["duration_ms"] = duration
+    ACCESS.log(level, "%s %s %s %.1f ms", ctx.protocol, ctx.route, status, duration, extra=extra)
 
 
 SERVER_ERRORS = {"INTERNAL", "UNAVAILABLE", "UNKNOWN", "DATA_LOSS", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}

@@ -114,3 +114,13 @@ def test_any_line_logged_during_a_request_carries_its_id(capsys):
     inside, outside = (json.loads(line) for line in capsys.readouterr().err.splitlines())
     assert inside["request_id"] == "scope-5" and inside["route"] == "/detect" and inside["message"] == "inside"
     assert "request_id" not in outside
+
+
+def test_shed_requests_are_logged_at_most_once_a_second_with_the_count_left_out():
+    from service.logs import _ShedLines
+
+    lines = _ShedLines(period_s=0.2)
+    assert lines.admit() == 0  # the first is logged
+    assert [lines.admit() for _ in range(50)] == [None] * 50
+    time.sleep(0.25)
+    assert lines.admit() == 50  # the next line says how many were left out
