@@ -81,6 +81,7 @@ class StageTimes:
     inference: float = 0.0
     postprocess: float = 0.0
     batch_size: int = 0
+    trace_context: object = None  # the request's span context, for the batch span's links (service.tracing)
 
 
 @dataclass
@@ -118,6 +119,10 @@ _STOP = object()
 class DynamicBatcher:
     """One per loaded model version. Extension point for scheduling policies: `_gather` decides what
     forms a batch, `_live_jobs` what is dropped before it runs."""
+
+    # Called on the worker thread after each batch that ran: (its requests' StageTimes, inference s,
+    # postprocess s). service.tracing sets it when tracing is on; None costs nothing.
+    on_batch = None
 
     def __init__(self, model: BatchModel, metrics: ModelMetrics, max_batch_size: int = 8,
                  max_queue_delay_s: float = 0.002, max_queue_size: int = 64, inference_timeout_s: float = 0.0,
@@ -444,6 +449,8 @@ class DynamicBatcher:
         for job, dets in zip(live, results):
             job.times.inference, job.times.postprocess, job.times.batch_size = t_inf, t_post, len(live)
             self._resolve(job, dets)
+        if self.on_batch is not None:
+            self.on_batch([j.times for j in live], t_inf, t_post)
 
     def _watched(self, live: Sequence[_Job]):
         """The model step on the model thread, under the watchdog."""

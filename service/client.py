@@ -35,6 +35,7 @@ from service.client_errors import (
 )
 from service.client_many import ImageResult, iterate_sync, run_many, single_image_group
 from service.client_retry import NO_RETRY, RetryEvent, RetryPolicy, call_with_retries, call_with_retries_async
+from service.tls import client_ssl_context
 
 __all__ = ["AsyncGrpcDetectorClient", "AsyncHttpDetectorClient", "BadRequest", "DeadlineExceeded",
            "DetectorError", "GrpcDetectorClient", "HttpDetectorClient", "ImageResult", "NO_RETRY", "RetryEvent",
@@ -42,6 +43,12 @@ __all__ = ["AsyncGrpcDetectorClient", "AsyncHttpDetectorClient", "BadRequest", "
 
 ImageInput = bytes | str | os.PathLike
 MAX_TIMEOUT_MS = 86_400_000  # the largest `timeout_ms` the server accepts
+
+PathLike = str | os.PathLike
+
+
+def _read_optional(path: PathLike | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
 
 def _image_bytes(image: ImageInput) -> bytes:
@@ -94,9 +101,14 @@ class _Http:
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
                  timeout: float = 60.0, *, retry: RetryPolicy | None = None,
-                 verify: ssl.SSLContext | str | bool = True) -> None:
+                 verify: ssl.SSLContext | str | bool = True, ca: PathLike | None = None,
+                 cert: PathLike | None = None, key: PathLike | None = None) -> None:
         """`timeout`: the default deadline of a call, in seconds, over all its attempts. `verify`: for https
-        URLs, an `ssl.SSLContext` (client certificates go there) or a CA bundle path, as httpx takes it."""
+        URLs, an `ssl.SSLContext` (client certificates go there) or a CA bundle path, as httpx takes it; or
+        `ca` (the CA file that signed the server's certificate) and `cert`/`key` (this client's certificate
+        and key, for a server that demands one: mTLS), from which that context is made."""
+        if ca or cert or key:
+            verify = client_ssl_context(ca, cert, key)
         self._settings = dict(base_url=base_url, api_key=api_key, timeout=timeout, retry=retry, verify=verify)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
@@ -269,9 +281,15 @@ class _Grpc:
 
     def __init__(self, target: str = "127.0.0.1:50051", api_key: str | None = None, timeout: float = 60.0,
                  max_message_bytes: int = 64 * 1024 * 1024, *, retry: RetryPolicy | None = None,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
-        """`timeout`: the default deadline of a call, in seconds, over all its attempts. `credentials`:
-        `grpc.ssl_channel_credentials(...)` for TLS (None: plain text)."""
+                 credentials: grpc.ChannelCredentials | None = None, ca: PathLike | None = None,
+                 cert: PathLike | None = None, key: PathLike | None = None, tls: bool = False) -> None:
+        """`timeout`: the default deadline of a call, in seconds, over all its attempts. TLS when `credentials`
+        (`grpc.ssl_channel_credentials(...)`), `tls` or any of `ca` (the CA that signed the server's certificate;
+        default: gRPC's roots), `cert`/`key` (this client's certificate and key, for mTLS) is given."""
+        if credentials is None and (tls or ca or cert or key):
+            credentials = grpc.ssl_channel_credentials(root_certificates=_read_optional(ca),
+                                                       private_key=_read_optional(key),
+                                                       certificate_chain=_read_optional(cert))
         from service.proto_gen.rtmdet.v1 import detector_pb2, detector_pb2_grpc
 
         self._settings = dict(target=target, api_key=api_key, timeout=timeout, max_message_bytes=max_message_bytes,

@@ -27,6 +27,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="serve this model under NAME (repeatable; the first is the default)")
     p.add_argument("--model-repository", type=Path, metavar="DIR",
                    help="serve every model in DIR/<model>/<version>/ (SIGHUP re-reads it)")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="TLS certificate (chain) for HTTPS and gRPC")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the certificate's private key")
+    p.add_argument("--tls-client-ca", type=Path, metavar="PEM",
+                   help="demand client certificates signed by this CA (mTLS) on both protocols")
+    p.add_argument("--health-port", type=int, help="a plain-text HTTP port for /healthz, /readyz and /metrics only")
+    p.add_argument("--log-format", choices=("text", "json"))
     p.set_defaults(func=run_serve)
 
 
@@ -40,7 +46,12 @@ def settings_from_args(args: argparse.Namespace):
     overrides = {k: v for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
                                    "weights": args.weights, "size": args.size, "device": args.device,
                                    "weights_key": getattr(args, "weights_key", None),
-                                   "model_repository": getattr(args, "model_repository", None)}.items()
+                                   "model_repository": getattr(args, "model_repository", None),
+                                   "tls_cert_file": getattr(args, "tls_cert", None),
+                                   "tls_key_file": getattr(args, "tls_key", None),
+                                   "tls_client_ca_file": getattr(args, "tls_client_ca", None),
+                                   "health_port": getattr(args, "health_port", None),
+                                   "log_format": getattr(args, "log_format", None)}.items()
                  if v is not None}
     try:
         settings = ServiceSettings(**overrides)
@@ -95,6 +106,10 @@ def add_client(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coco-results", type=Path, help="write a COCO results file (a JSON list of detections)")
     p.add_argument("--coco-ann", type=Path, help="COCO annotations whose file_name/id and categories give "
                                                  "image_id and category_id (default: running index, label + 1)")
+    p.add_argument("--ca", type=Path, metavar="PEM", help="the CA that signed the server's certificate (TLS)")
+    p.add_argument("--cert", type=Path, metavar="PEM", help="this client's certificate, for mTLS")
+    p.add_argument("--key", type=Path, metavar="PEM", help="this client's private key, for mTLS")
+    p.add_argument("--tls", action="store_true", help="gRPC over TLS with the system's roots (implied by --ca)")
     p.set_defaults(func=run_client)
 
 
@@ -159,9 +174,11 @@ def _client(args: argparse.Namespace):
     from service.client import GrpcDetectorClient, HttpDetectorClient, RetryPolicy
 
     retry = RetryPolicy(max_attempts=args.attempts)
+    tls = dict(ca=args.ca, cert=args.cert, key=args.key)
     if args.grpc or args.protocol == "grpc":
-        return GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout, retry=retry)
-    return HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout, retry=retry)
+        return GrpcDetectorClient(args.target, api_key=args.api_key, timeout=args.timeout, retry=retry, tls=args.tls,
+                                  **tls)
+    return HttpDetectorClient(args.url, api_key=args.api_key, timeout=args.timeout, retry=retry, **tls)
 
 
 def _list_models(args: argparse.Namespace) -> int:

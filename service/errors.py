@@ -27,6 +27,12 @@ class InvalidRequest(ServiceError, ValueError):
     http_status, grpc_code = 400, "INVALID_ARGUMENT"
 
 
+class TooManyImages(ServiceError):
+    """More images in one call than RTMDET_MAX_IMAGES_PER_REQUEST (HTTP 413, like any too-large request)."""
+
+    http_status, grpc_code = 413, "INVALID_ARGUMENT"
+
+
 class Unauthorized(ServiceError):
     """Missing or wrong bearer key."""
 

@@ -12,14 +12,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
+from service import logs
 from service.auth import check_bearer
-from service.errors import InvalidRequest, ServiceError, Unauthorized
+from service.errors import InvalidRequest, ServiceError, TooManyImages, Unauthorized
 from service.metrics import RequestRecord
 from service.pipeline import DetectionService, DetectOutcome
 from service.proto_gen.rtmdet.v1 import detector_pb2 as pb
 from service.proto_gen.rtmdet.v1 import detector_pb2_grpc as pb_grpc
 from service.schemas import DetectQuery, ModelInfo
+from service.tracing import REQUEST_ID_ATTR, TRACER_NAME, traceparent
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name  # "rtmdet.v1.Detector"
 MESSAGE_OVERHEAD = 64 * 1024
@@ -33,9 +36,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class RequestFailed(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str, metadata: tuple = ()) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, metadata: tuple = (), http_status: int = 500) -> None:
         super().__init__(details)
-        self.code, self.details, self.metadata = code, details, metadata
+        self.code, self.details, self.metadata, self.http_status = code, details, metadata, http_status
 
 
 def response_from(out: DetectOutcome, request_id: str) -> pb.DetectResponse:
@@ -64,8 +67,8 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         self.service = service
         self.metrics = service.metrics
 
-    async def _detect(self, request: pb.DetectRequest, deadline: float | None,
-                      record: RequestRecord) -> pb.DetectResponse:
+    async def _detect(self, request: pb.DetectRequest, deadline: float | None, record: RequestRecord,
+                      index: int | None = None, request_id: str | None = None) -> pb.DetectResponse:
         svc = self.service
         model = svc.registry.slot(request.model or None).name  # NOT_FOUND naming the known ones
         record.model = model
@@ -76,28 +79,29 @@ class DetectorServicer(pb_grpc.DetectorServicer):
             classes=list(request.classes))
         kind = request.WhichOneof("image")
         if kind == "encoded":
-            out = await svc.detect_encoded(model, request.encoded, query, deadline)
+            out = await svc.detect_encoded(model, request.encoded, query, deadline, index)
         elif kind == "raw":
             r = request.raw
             out = await svc.detect_raw(model, r.data, r.height, r.width, r.channels,
-                                       r.channel_order == pb.CHANNEL_ORDER_RGB, query, deadline)
+                                       r.channel_order == pb.CHANNEL_ORDER_RGB, query, deadline, index)
         else:
             raise InvalidRequest("the request carries no image: set `encoded` or `raw`")
-        return response_from(out, request.request_id)
+        return response_from(out, request.request_id or request_id or "")
 
-    async def _counted(self, endpoint: str, request: pb.DetectRequest, deadline: float | None) -> pb.DetectResponse:
+    async def _counted(self, endpoint: str, request: pb.DetectRequest, deadline: float | None,
+                       index: int | None = None, request_id: str | None = None) -> pb.DetectResponse:
         """One detection, recorded in the metrics; failures come back as RequestFailed."""
         record = RequestRecord(self.metrics, "grpc", endpoint)
         code = grpc.StatusCode.OK
         try:
-            return await self._detect(request, deadline, record)
+            return await self._detect(request, deadline, record, index, request_id)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             code, details = status_for(exc)
             metadata = exc.trailing_metadata() if isinstance(exc, ServiceError) else ()
-            raise RequestFailed(code, details, metadata) from None
+            raise RequestFailed(code, details, metadata, getattr(exc, "http_status", 500)) from None
         finally:
             record.finish(code.name)
 
@@ -106,19 +110,72 @@ class DetectorServicer(pb_grpc.DetectorServicer):
         remaining = context.time_remaining()
         return time.monotonic() + remaining if remaining is not None else None
 
+    @staticmethod
+    async def _call_ids(context: grpc.aio.ServicerContext, field_id: str = "") -> str:
+        """The call's request id (metadata `x-request-id`, else the message's `request_id`, else made), sent
+        back at once in the initial metadata with the trace's `traceparent` (when tracing is on)."""
+        given = next((v for k, v in (context.invocation_metadata() or ()) if k == logs.REQUEST_ID_HEADER), None)
+        rid = logs.request_id_from(given or field_id or None)
+        span = trace.get_current_span()  # the gRPC instrumentation's server span, when tracing is on
+        if span.is_recording():
+            span.set_attribute(REQUEST_ID_ATTR, rid)
+        parent = traceparent(span)
+        await context.send_initial_metadata(((logs.REQUEST_ID_HEADER, rid),) + ((("traceparent", parent),)
+                                                                                if parent else ()))
+        return rid
+
     async def Detect(self, request, context):
-        try:
-            return await self._counted("Detect", request, self._deadline(context))
-        except RequestFailed as exc:
-            await context.abort(exc.code, exc.details, exc.metadata)
+        rid = await self._call_ids(context, request.request_id)
+        with logs.request_scope(rid, "grpc", "/rtmdet.v1.Detector/Detect") as ctx:
+            try:
+                response = await self._counted("Detect", request, self._deadline(context), request_id=rid)
+            except RequestFailed as exc:
+                logs.access(ctx, exc.code.name)
+                await context.abort(exc.code, exc.details, exc.metadata)
+            logs.access(ctx, "OK")
+            return response
+
+    async def DetectBatch(self, request, context):
+        """Each entry through `_counted` concurrently (so they share batches); failures stay in their entry."""
+        rid = await self._call_ids(context)
+        with logs.request_scope(rid, "grpc", "/rtmdet.v1.Detector/DetectBatch") as ctx:
+            cap = self.service.settings.max_images_per_request
+            if len(request.requests) > cap:
+                code, details = status_for(TooManyImages(
+                    f"{len(request.requests)} images in one request; the limit is {cap} "
+                    "(RTMDET_MAX_IMAGES_PER_REQUEST)"))
+                logs.access(ctx, code.name)
+                await context.abort(code, details)
+            if not request.requests:
+                logs.access(ctx, "INVALID_ARGUMENT")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "DetectBatch needs at least one request")
+            deadline = self._deadline(context)
+            results = await asyncio.gather(*(self._counted("DetectBatch", r, deadline, index=i)
+                                             for i, r in enumerate(request.requests)), return_exceptions=True)
+            entries = []
+            for r in results:
+                if isinstance(r, RequestFailed):
+                    entries.append(pb.DetectBatchEntry(error=pb.EntryError(
+                        code=r.code.value[0], code_name=r.code.name, message=r.details,
+                        http_status=r.http_status)))
+                elif isinstance(r, BaseException):
+                    raise r
+                else:
+                    entries.append(pb.DetectBatchEntry(result=r))
+            logs.access(ctx, "OK")
+            return pb.DetectBatchResponse(entries=entries, request_id=rid)
 
     async def DetectStream(self, request_iterator, context):
         """Frames are pipelined (up to `max_batch_size` in flight, so they can share batches) and answered
-        in order. The first failing frame ends the stream with its status."""
+        in order. The first failing frame ends the stream with its status. The call has one request id
+        (metadata `x-request-id`, else made) and one access line; each frame echoes its own `request_id`."""
         window = max(1, self.service.settings.max_batch_size)
         pending: asyncio.Queue = asyncio.Queue(maxsize=window)
+        ctx = logs.RequestContext(await self._call_ids(context), "grpc", "/rtmdet.v1.Detector/DetectStream")
+        status = "CANCELLED"  # unless the stream ends or a frame fails
 
         async def read_frames() -> None:
+            logs.current.set(ctx)  # this task's own context: the frames it starts log with the call's id
             try:
                 async for request in request_iterator:
                     task = asyncio.ensure_future(self._counted("DetectStream", request, self._deadline(context)))
@@ -135,14 +192,17 @@ class DetectorServicer(pb_grpc.DetectorServicer):
                 try:
                     yield await task
                 except RequestFailed as exc:
+                    status = exc.code.name
                     await context.abort(exc.code, exc.details, exc.metadata)
             await reader  # surfaces errors from reading the stream
+            status = "OK"
         finally:
             reader.cancel()
             while not pending.empty():
                 task = pending.get_nowait()
                 if task is not None:
                     task.cancel()
+            logs.access(ctx, status)
 
     async def GetModelInfo(self, request, context):
         try:
@@ -186,13 +246,21 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
                                                    handler.response_serializer if handler else None)
 
 
-def create_grpc_server(service: DetectionService,
-                       address: str) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
+def create_grpc_server(service: DetectionService, address: str, credentials: grpc.ServerCredentials | None = None,
+                       tracer_provider=None) -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
     """A grpc.aio server with the Detector, health (NOT_SERVING until ready) and reflection; returns the
-    bound port (useful with port 0)."""
+    bound port (useful with port 0). With `credentials` (service.tls) the port speaks TLS only; with a
+    `tracer_provider` (service.tracing) every call gets a server span (W3C `traceparent` metadata honoured)."""
     s = service.settings
-    limit = s.max_upload_bytes + MESSAGE_OVERHEAD  # bigger messages get RESOURCE_EXHAUSTED from gRPC itself
+    # A DetectBatch message holds up to max_images_per_request images; bigger messages get RESOURCE_EXHAUSTED
+    # from gRPC itself.
+    limit = s.max_upload_bytes * s.max_images_per_request + MESSAGE_OVERHEAD
     interceptors = [ApiKeyInterceptor(s.api_key_value())] if s.api_key_value() else []
+    if tracer_provider is not None:
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        service.tracer = tracer_provider.get_tracer(TRACER_NAME)
+        interceptors.insert(0, aio_server_interceptor(tracer_provider=tracer_provider))
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.max_receive_message_length", limit),
                                                                  ("grpc.max_send_message_length", limit)])
     pb_grpc.add_DetectorServicer_to_server(DetectorServicer(service), server)
@@ -200,7 +268,10 @@ def create_grpc_server(service: DetectionService,
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind gRPC to {address}")
     return server, health, port

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.inference.detections import Detections, DetectParams
+from service import logs
 from service.batcher import StageTimes
-from service.errors import DeadlineExceeded, InvalidRequest
+from service.errors import DeadlineExceeded, InvalidRequest, ServiceError, TooManyImages
 from service.imaging import decode_image, raw_to_bgr
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry, ModelVersion
@@ -57,6 +58,7 @@ class DetectionService:
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="rtmdet-decode")
         self.draining = False
         self.loaded = False  # every start-up model loaded
+        self.tracer = None  # an OpenTelemetry Tracer when tracing is on (service.tracing); None: no spans at all
         self.start_error: str | None = None
         self.log_start_error = True  # `rtmdet serve` turns this off: it reports the failure itself, in one line
         self._start_task: asyncio.Task | None = None
@@ -157,20 +159,53 @@ class DetectionService:
             ids = frozenset(version.class_index[n] for n in names)
         return DetectParams(thr, top, ids)
 
+    async def detect_many(self, model: str | None, images: list[bytes], query: DetectQuery,
+                          deadline: float | None) -> list[DetectOutcome | ServiceError]:
+        """Several encoded images, each admitted and batched like a request of its own (so they may share
+        batches with each other and with other requests); a failing image gives its error in its place."""
+        cap = self.settings.max_images_per_request
+        if len(images) > cap:
+            raise TooManyImages(f"{len(images)} images in one request; the limit is {cap} "
+                                "(RTMDET_MAX_IMAGES_PER_REQUEST)")
+        results = await asyncio.gather(*(self.detect_encoded(model, data, query, deadline, index=i)
+                                         for i, data in enumerate(images)), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, ServiceError):
+                raise r  # a bug or a cancellation is the whole request's, not one image's
+        return list(results)
+
     async def detect_encoded(self, model: str | None, data: bytes, query: DetectQuery,
-                             deadline: float | None) -> DetectOutcome:
+                             deadline: float | None, index: int | None = None) -> DetectOutcome:
         s = self.settings
         return await self._detect(model, lambda: decode_image(data, s.max_upload_bytes, s.max_image_pixels), query,
-                                  deadline)
+                                  deadline, index)
 
     async def detect_raw(self, model: str | None, data: bytes, height: int, width: int, channels: int,
-                         rgb_order: bool, query: DetectQuery, deadline: float | None) -> DetectOutcome:
+                         rgb_order: bool, query: DetectQuery, deadline: float | None,
+                         index: int | None = None) -> DetectOutcome:
         s = self.settings
         return await self._detect(model, lambda: raw_to_bgr(data, height, width, channels, rgb_order,
-                                                            s.max_image_pixels), query, deadline)
+                                                            s.max_image_pixels), query, deadline, index)
 
     async def _detect(self, model: str | None, decode: Callable[[], np.ndarray], query: DetectQuery,
-                      deadline: float | None) -> DetectOutcome:
+                      deadline: float | None, index: int | None = None) -> DetectOutcome:
+        if self.tracer is None:
+            return await self._detect_untraced(model, decode, query, deadline)
+        from service.tracing import ImageSpan
+
+        ctx = logs.current.get()
+        span = ImageSpan(self.tracer, model or self.registry.default_name, ctx.request_id if ctx else None,
+                         {"rtmdet.image_index": index} if index is not None else None)
+        try:
+            out = await self._detect_untraced(model, decode, query, deadline, span)
+        except BaseException as exc:
+            span.finish(error=exc)
+            raise
+        span.finish(out.version, len(out.detections.scores))
+        return out
+
+    async def _detect_untraced(self, model: str | None, decode: Callable[[], np.ndarray], query: DetectQuery,
+                               deadline: float | None, span=None) -> DetectOutcome:
         started = time.perf_counter()
         # Draining does not refuse: a request that reached us was accepted before the listeners closed,
         # and accepted requests are answered. The lease keeps this version open until the answer is out,
@@ -181,9 +216,11 @@ class DetectionService:
             # QueueFull at once when the queue is full; with an SLO, CannotMeetDeadline when it would be late.
             ticket = batcher.admit(deadline)
             mm = batcher.metrics
+            times = StageTimes()
+            decode_start = enqueued = None
             try:
-                times = StageTimes()
                 try:
+                    decode_start = time.time()
                     image, batch, infos = await asyncio.get_running_loop().run_in_executor(
                         self.pool, self._decode_and_letterbox, version, decode, times)
                 except asyncio.CancelledError:  # the caller went away (or its gRPC deadline passed) while decoding
@@ -192,11 +229,26 @@ class DetectionService:
                 if deadline is not None and time.monotonic() >= deadline:
                     mm.drop("expired")
                     raise DeadlineExceeded("deadline exceeded before inference; dropped")
+                if span is not None:
+                    self._trace_batches(version, span)
+                    times.trace_context = span.span.get_span_context()
+                enqueued = time.time()
                 dets = await batcher.submit(ticket, batch, infos[0], params, deadline, times)
             finally:
                 ticket.release()  # no-op once the worker took the request
+                if span is not None:
+                    span.stages(times, decode_start if times.decode or times.preprocess else None, enqueued)
+                logs.record_stages(version.name, stage_ms(times))
             info = version.detector.info
             return DetectOutcome(dets, image, times, started, version.name, version.version, info.name, info.size)
+
+    def _trace_batches(self, version: ModelVersion, span) -> None:
+        """Make this version's batcher write batch spans (its hook; set once per version, here because
+        versions come and go with reloads)."""
+        if version.batcher.on_batch is None:
+            from service.tracing import BatchSpans
+
+            version.batcher.on_batch = BatchSpans(self.tracer, version.name)
 
     @staticmethod
     def _decode_and_letterbox(version: ModelVersion, decode: Callable[[], np.ndarray], times: StageTimes):
@@ -212,3 +264,10 @@ class DetectionService:
         return image, batch, infos
 
 
+
+
+def stage_ms(t: StageTimes) -> dict:
+    """One image's stage times in milliseconds, for the access log line."""
+    return {"decode_ms": round(t.decode * 1e3, 3), "preprocess_ms": round(t.preprocess * 1e3, 3),
+            "queue_ms": round(t.queue_wait * 1e3, 3), "inference_ms": round(t.inference * 1e3, 3),
+            "postprocess_ms": round(t.postprocess * 1e3, 3), "batch_size": t.batch_size}

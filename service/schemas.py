@@ -44,6 +44,18 @@ class DetectResponse(BaseModel):
     timing: Timing
 
 
+class ImageErrorDetail(BaseModel):
+    status: int = Field(..., description="the HTTP status this image alone would have got")
+    code: str = Field(..., description="the gRPC status name, e.g. INVALID_ARGUMENT")
+    detail: str
+
+
+class ImageError(BaseModel):
+    """The place of an image that failed, in the list a several-image POST /detect answers."""
+
+    error: ImageErrorDetail
+
+
 class DetectQuery(BaseModel):
     """Query parameters of the detect routes (validated once, here)."""
 
@@ -105,6 +117,11 @@ def timing_from(times: StageTimes, total_s: float) -> Timing:
 def detections_from(dets) -> list[Detection]:
     """Same rounding as `Detections.to_list()` (what `rtmdet detect` prints)."""
     return [Detection(**d) for d in dets.to_list()]
+
+
+def image_error(exc) -> ImageError:
+    """A `service.errors.ServiceError` as one entry of a several-image answer."""
+    return ImageError(error=ImageErrorDetail(status=exc.http_status, code=exc.grpc_code, detail=str(exc)))
 
 
 def detect_response(out) -> DetectResponse:

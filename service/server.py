@@ -17,11 +17,13 @@ import sys
 
 import uvicorn
 
+from service import logs, tracing
 from service.grpc_api import create_grpc_server, set_serving
-from service.http_api import create_app
+from service.http_api import create_app, create_health_app
 from service.http_protocol import head_deadline_protocol
 from service.pipeline import DetectionService
 from service.settings import ServiceSettings
+from service.tls import TlsConfigError, load_tls
 
 log = logging.getLogger("rtmdet.serve")
 
@@ -60,20 +62,31 @@ async def poll_repository(service: DetectionService, period_s: float, lock: asyn
             await rescan_repository(service, "poll")
 
 
+def http_config(app, settings: ServiceSettings, port: int, tls_options: dict) -> uvicorn.Config:
+    return uvicorn.Config(app, host=settings.host, port=port, lifespan="off", log_level="warning",
+                          access_log=False, timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1),
+                          http=head_deadline_protocol(settings.header_timeout_s), **tls_options)
+
+
 async def serve(settings: ServiceSettings) -> int:
     try:
+        # TLS files first: a bad certificate must stop the start before any model loads or port opens.
+        tls = load_tls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
         service = DetectionService(settings)
-    except ValueError as exc:  # a bad --model option or model repository
+    except (TlsConfigError, ValueError) as exc:  # bad TLS files, a bad --model option or model repository
         print(f"rtmdet serve: error: {' '.join(str(exc).splitlines())}", file=sys.stderr, flush=True)
         return 2
     service.log_start_error = False  # reported below as the one `rtmdet serve: error:` line
-    app = create_app(service, manage_lifecycle=False)
-    grpc_server, health, grpc_port = create_grpc_server(service, f"{settings.host}:{settings.grpc_port}")
+    tracer_provider = tracing.setup_from_env()
+    app = create_app(service, manage_lifecycle=False, tracer_provider=tracer_provider)
+    grpc_server, health, grpc_port = create_grpc_server(
+        service, f"{settings.host}:{settings.grpc_port}", credentials=tls.grpc_credentials() if tls else None,
+        tracer_provider=tracer_provider)
     await set_serving(health, False)
-    config = uvicorn.Config(app, host=settings.host, port=settings.http_port, lifespan="off", log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=max(int(settings.shutdown_grace_s), 1),
-                            http=head_deadline_protocol(settings.header_timeout_s))
-    http = _UvicornServer(config)
+    http = _UvicornServer(http_config(app, settings, settings.http_port, tls.uvicorn_options() if tls else {}))
+    # The plain-text probe/scrape port (RTMDET_HEALTH_PORT): health, readiness and metrics only, never detection.
+    health_http = (_UvicornServer(http_config(create_health_app(service), settings, settings.health_port, {}))
+                   if settings.health_port is not None else None)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,12 +107,16 @@ async def serve(settings: ServiceSettings) -> int:
 
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve())
+    health_http_task = asyncio.create_task(health_http.serve()) if health_http is not None else None
     load_task = service.start()
     stop_task = asyncio.create_task(stop.wait())
     loading = ", ".join(f"{s.name}={s.spec.weights}" for s in service.registry.slots())
-    page = f" (open http://{settings.host}:{settings.http_port}/ in a browser)" if settings.web_ui else ""
-    print(f"rtmdet serve: http://{settings.host}:{settings.http_port}{page} grpc {settings.host}:{grpc_port} "
-          f"(loading {loading})", flush=True)
+    scheme = "https" if tls else "http"
+    security = "" if tls is None else (" TLS+client certificates" if tls.mutual else " TLS")
+    plain = f" plain-text health http://{settings.host}:{settings.health_port}" if health_http is not None else ""
+    page = f" (open {scheme}://{settings.host}:{settings.http_port}/ in a browser)" if settings.web_ui else ""
+    print(f"rtmdet serve: {scheme}://{settings.host}:{settings.http_port}{page} grpc {settings.host}:{grpc_port}"
+          f"{security}{plain} (loading {loading})", flush=True)
 
     exit_code = 0
     done, _ = await asyncio.wait({load_task, http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -129,15 +146,19 @@ async def serve(settings: ServiceSettings) -> int:
         task.cancel()
     await health.enter_graceful_shutdown()
     http.should_exit = True
-    await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), http_task, return_exceptions=True)
+    if health_http is not None:
+        health_http.should_exit = True
+    await asyncio.gather(grpc_server.stop(settings.shutdown_grace_s), http_task,
+                         *([health_http_task] if health_http_task else []), return_exceptions=True)
     if not load_task.done():
         load_task.cancel()
     await asyncio.to_thread(service.shutdown)
     stop_task.cancel()
+    tracing.shutdown(tracer_provider)
     print("rtmdet serve: stopped", flush=True)
     return exit_code
 
 
 def run(settings: ServiceSettings) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_format)
     return asyncio.run(serve(settings))

@@ -131,10 +131,21 @@ class ServiceSettings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535)
     grpc_port: int = Field(50051, ge=0, le=65535)
     shutdown_grace_s: float = Field(30.0, ge=0.0)
+    # TLS (service/tls.py): with a cert and key both protocols speak TLS only; with a client CA they also
+    # demand a client certificate signed by it (mTLS). `health_port` adds a plain-text HTTP listener that
+    # serves only /healthz, /readyz and /metrics (for probes and scrapers without client certificates).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    health_port: int | None = Field(None, ge=0, le=65535)
+
+    # Logs (service/logs.py): one JSON object a line, or text.
+    log_format: Literal["text", "json"] = "text"
 
     # Input limits and access.
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(16, ge=1, le=256)  # images in one multipart POST or DetectBatch
     api_key: SecretStr | None = None
     cors_origins: list[str] = Field(default_factory=list)  # empty: CORS off
     web_ui: bool = True  # GET / serves the page to try the detector in a browser (service/web_ui.py)

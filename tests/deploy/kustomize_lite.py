@@ -53,11 +53,15 @@ def containers(doc: dict) -> list[dict]:
 
 
 def strategic_merge(base, patch):
-    """Maps merge key by key; lists of named maps merge by `name` (containers, ports); other lists replace."""
+    """Maps merge key by key (a null value deletes the key); lists of named maps merge by `name` (containers,
+    ports); other lists replace."""
     if isinstance(base, dict) and isinstance(patch, dict):
         out = copy.deepcopy(base)
         for key, value in patch.items():
-            out[key] = strategic_merge(base[key], value) if key in base else copy.deepcopy(value)
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = strategic_merge(base[key], value) if key in base else copy.deepcopy(value)
         return out
     if (isinstance(base, list) and isinstance(patch, list) and patch
             and all(isinstance(i, dict) and "name" in i for i in base + patch)):

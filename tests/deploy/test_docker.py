@@ -151,6 +151,18 @@ def test_compose_triton_profile_points_the_detector_at_triton():
     assert det["depends_on"]["triton"]["condition"] == "service_healthy"
 
 
+def test_compose_tls_profile_mounts_the_certificates_where_the_settings_point():
+    cfg = compose_config("tls")
+    det = cfg["services"]["detector-tls"]
+    (mount,) = [v for v in det["volumes"] if v["type"] == "bind"]
+    assert mount["read_only"] and Path(mount["source"]) == ROOT / "build" / "tls"
+    env = det["environment"]
+    for key in ("RTMDET_TLS_CERT_FILE", "RTMDET_TLS_KEY_FILE", "RTMDET_TLS_CLIENT_CA_FILE"):
+        assert str(Path(env[key]).parent) == mount["target"]
+    health = int(env["RTMDET_HEALTH_PORT"])
+    assert health in published(det) and f"127.0.0.1:{health}/readyz" in " ".join(det["healthcheck"]["test"])
+
+
 def test_prometheus_scrapes_every_detector_the_compose_file_defines():
     cfg = compose_config("gpu", "triton")
     prom = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())

@@ -148,3 +148,24 @@ def test_the_model_repository_is_a_read_only_volume_where_the_settings_look(rend
     parsed = ServiceSettings(model_repository=settings["RTMDET_MODEL_REPOSITORY"],
                              repository_poll_s=settings["RTMDET_REPOSITORY_POLL_S"])
     assert parsed.repository_poll_s > 0  # nobody sends SIGHUP to a pod: new versions come by polling
+
+
+def test_tls_overlay_mounts_the_secret_where_the_settings_point_and_probes_the_plain_text_port():
+    docs = render(K8S / "overlays" / "tls")
+    for doc in docs:
+        if not doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    deploy, container, settings = parts(docs)
+    parsed = ServiceSettings(**{k[len("RTMDET_"):].lower(): v for k, v in settings.items()})
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+    (volume,) = [v for v in deploy["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+    assert volume["secret"]["secretName"] == "rtmdet-tls" and mount["readOnly"]
+    for path in (parsed.tls_cert_file, parsed.tls_key_file, parsed.tls_client_ca_file):
+        assert str(path.parent) == mount["mountPath"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": parsed.http_port, "grpc": parsed.grpc_port, "health": parsed.health_port}
+    for probe, path in (("startupProbe", "/readyz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "health"} and "grpc" not in container[probe]
+    monitor = find(docs, "ServiceMonitor", "rtmdet")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["health"]
+    assert "health" in {p["name"] for p in find(docs, "Service", "rtmdet")["spec"]["ports"]}

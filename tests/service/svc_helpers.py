@@ -1,6 +1,7 @@
 """Helpers for the service tests: a test checkpoint, real `rtmdet serve` subprocesses, image bytes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -76,10 +77,13 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m service serve` in a subprocess; `.http` is its base URL, `.grpc` its target."""
 
-    def __init__(self, weights: Path, log_path: Path, *args: str, weights_flag: bool = True, **env: str) -> None:
-        """`args` are more `rtmdet serve` flags; `weights_flag=False` leaves out `--weights`."""
+    def __init__(self, weights: Path, log_path: Path, *args: str, weights_flag: bool = True, verify=None,
+                 **env: str) -> None:
+        """`args` are more `rtmdet serve` flags; `weights_flag=False` leaves out `--weights`; `verify` (an
+        ssl.SSLContext) makes `.http` an https:// URL and is what `wait_ready` checks the server with."""
         self.http_port, self.grpc_port = free_port(), free_port()
-        self.http = f"http://127.0.0.1:{self.http_port}"
+        self.verify = verify if verify is not None else True
+        self.http = f"{'https' if verify is not None else 'http'}://127.0.0.1:{self.http_port}"
         self.grpc = f"127.0.0.1:{self.grpc_port}"
         self.env = {**os.environ, "RTMDET_INPUT_SIZE": str(INPUT_SIZE), "RTMDET_DEVICE": "cpu",
                     "RTMDET_DECODE_THREADS": "2", "PYTHONPATH": str(REPO), **env}
@@ -96,7 +100,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
             try:
-                if httpx.get(f"{self.http}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.http}/readyz", timeout=2, verify=self.verify).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -130,6 +134,16 @@ class ServerProcess:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def serving(srv: ServerProcess):
+    """A started server, waited ready, stopped on the way out (for module fixtures: `with serving(...) as s`)."""
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
 
 
 def bgr(rgb: np.ndarray) -> np.ndarray:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rtmdet/v1/detector.proto\x12\trtmdet.v1\"y\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12.\n\rchannel_order\x18\x05 \x01(\x0e\x32\x17.rtmdet.v1.ChannelOrder\"\xe5\x01\n\rDetectRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\"\n\x03raw\x18\x02 \x01(\x0b\x32\x13.rtmdet.v1.RawImageH\x00\x12\x1c\n\x0fscore_threshold\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\tB\x07\n\x05imageB\x12\n\x10_score_thresholdB\x11\n\x0f_max_detections\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"Z\n\tDetection\x12\x1b\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x0e.rtmdet.v1.Box\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\x05\x12\x12\n\nclass_name\x18\x04 \x01(\t\"J\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"\x98\x01\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\r\"\xb8\x01\n\x0e\x44\x65tectResponse\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.rtmdet.v1.ModelSummary\x12(\n\ndetections\x18\x04 \x03(\x0b\x32\x14.rtmdet.v1.Detection\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.rtmdet.v1.Timing\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"Q\n\x12ListModelsResponse\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12$\n\x06models\x18\x02 \x03(\x0b\x32\x14.rtmdet.v1.ModelInfo\"\xe3\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\r\n\x05state\x18\x0b \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x0c \x01(\x08\x12\r\n\x05\x65rror\x18\r \x01(\t*<\n\x0c\x43hannelOrder\x12\x15\n\x11\x43HANNEL_ORDER_BGR\x10\x00\x12\x15\n\x11\x43HANNEL_ORDER_RGB\x10\x01\x32\xa3\x02\n\x08\x44\x65tector\x12=\n\x06\x44\x65tect\x12\x18.rtmdet.v1.DetectRequest\x1a\x19.rtmdet.v1.DetectResponse\x12G\n\x0c\x44\x65tectStream\x12\x18.rtmdet.v1.DetectRequest\x1a\x19.rtmdet.v1.DetectResponse(\x01\x30\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.rtmdet.v1.GetModelInfoRequest\x1a\x14.rtmdet.v1.ModelInfo\x12I\n\nListModels\x12\x1c.rtmdet.v1.ListModelsRequest\x1a\x1d.rtmdet.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rtmdet/v1/detector.proto\x12\trtmdet.v1\"y\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12.\n\rchannel_order\x18\x05 \x01(\x0e\x32\x17.rtmdet.v1.ChannelOrder\"\xe5\x01\n\rDetectRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\"\n\x03raw\x18\x02 \x01(\x0b\x32\x13.rtmdet.v1.RawImageH\x00\x12\x1c\n\x0fscore_threshold\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x1b\n\x0emax_detections\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x0f\n\x07\x63lasses\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\tB\x07\n\x05imageB\x12\n\x10_score_thresholdB\x11\n\x0f_max_detections\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"Z\n\tDetection\x12\x1b\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x0e.rtmdet.v1.Box\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05label\x18\x03 \x01(\x05\x12\x12\n\nclass_name\x18\x04 \x01(\t\"J\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"\x98\x01\n\x06Timing\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x05 \x01(\x01\x12\x10\n\x08total_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\r\"\xb8\x01\n\x0e\x44\x65tectResponse\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.rtmdet.v1.ModelSummary\x12(\n\ndetections\x18\x04 \x03(\x0b\x32\x14.rtmdet.v1.Detection\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.rtmdet.v1.Timing\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"@\n\x12\x44\x65tectBatchRequest\x12*\n\x08requests\x18\x01 \x03(\x0b\x32\x18.rtmdet.v1.DetectRequest\"S\n\nEntryError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x13\n\x0bhttp_status\x18\x04 \x01(\r\"r\n\x10\x44\x65tectBatchEntry\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x19.rtmdet.v1.DetectResponseH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.rtmdet.v1.EntryErrorH\x00\x42\t\n\x07outcome\"W\n\x13\x44\x65tectBatchResponse\x12,\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1b.rtmdet.v1.DetectBatchEntry\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"Q\n\x12ListModelsResponse\x12\x15\n\rdefault_model\x18\x01 \x01(\t\x12$\n\x06models\x18\x02 \x03(\x0b\x32\x14.rtmdet.v1.ModelInfo\"\xe3\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x04 \x03(\t\x12\x12\n\ninput_size\x18\x05 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x08 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\t \x01(\t\x12\r\n\x05model\x18\n \x01(\t\x12\r\n\x05state\x18\x0b \x01(\t\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x0c \x01(\x08\x12\r\n\x05\x65rror\x18\r \x01(\t*<\n\x0c\x43hannelOrder\x12\x15\n\x11\x43HANNEL_ORDER_BGR\x10\x00\x12\x15\n\x11\x43HANNEL_ORDER_RGB\x10\x01\x32\xf1\x02\n\x08\x44\x65tector\x12=\n\x06\x44\x65tect\x12\x18.rtmdet.v1.DetectRequest\x1a\x19.rtmdet.v1.DetectResponse\x12L\n\x0b\x44\x65tectBatch\x12\x1d.rtmdet.v1.DetectBatchRequest\x1a\x1e.rtmdet.v1.DetectBatchResponse\x12G\n\x0c\x44\x65tectStream\x12\x18.rtmdet.v1.DetectRequest\x1a\x19.rtmdet.v1.DetectResponse(\x01\x30\x01\x12\x44\n\x0cGetModelInfo\x12\x1e.rtmdet.v1.GetModelInfoRequest\x1a\x14.rtmdet.v1.ModelInfo\x12I\n\nListModels\x12\x1c.rtmdet.v1.ListModelsRequest\x1a\x1d.rtmdet.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rtmdet.v1.detector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANNELORDER']._serialized_start=1331
-  _globals['_CHANNELORDER']._serialized_end=1391
+  _globals['_CHANNELORDER']._serialized_start=1687
+  _globals['_CHANNELORDER']._serialized_end=1747
   _globals['_RAWIMAGE']._serialized_start=39
   _globals['_RAWIMAGE']._serialized_end=160
   _globals['_DETECTREQUEST']._serialized_start=163
@@ -47,14 +47,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMING']._serialized_end=770
   _globals['_DETECTRESPONSE']._serialized_start=773
   _globals['_DETECTRESPONSE']._serialized_end=957
-  _globals['_GETMODELINFOREQUEST']._serialized_start=959
-  _globals['_GETMODELINFOREQUEST']._serialized_end=995
-  _globals['_LISTMODELSREQUEST']._serialized_start=997
-  _globals['_LISTMODELSREQUEST']._serialized_end=1016
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1018
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1099
-  _globals['_MODELINFO']._serialized_start=1102
-  _globals['_MODELINFO']._serialized_end=1329
-  _globals['_DETECTOR']._serialized_start=1394
-  _globals['_DETECTOR']._serialized_end=1685
+  _globals['_DETECTBATCHREQUEST']._serialized_start=959
+  _globals['_DETECTBATCHREQUEST']._serialized_end=1023
+  _globals['_ENTRYERROR']._serialized_start=1025
+  _globals['_ENTRYERROR']._serialized_end=1108
+  _globals['_DETECTBATCHENTRY']._serialized_start=1110
+  _globals['_DETECTBATCHENTRY']._serialized_end=1224
+  _globals['_DETECTBATCHRESPONSE']._serialized_start=1226
+  _globals['_DETECTBATCHRESPONSE']._serialized_end=1313
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1315
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1351
+  _globals['_LISTMODELSREQUEST']._serialized_start=1353
+  _globals['_LISTMODELSREQUEST']._serialized_end=1372
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1374
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1455
+  _globals['_MODELINFO']._serialized_start=1458
+  _globals['_MODELINFO']._serialized_end=1685
+  _globals['_DETECTOR']._serialized_start=1750
+  _globals['_DETECTOR']._serialized_end=2119
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class DetectorStub:
                 request_serializer=rtmdet_dot_v1_dot_detector__pb2.DetectRequest.SerializeToString,
                 response_deserializer=rtmdet_dot_v1_dot_detector__pb2.DetectResponse.FromString,
                 _registered_method=True)
+        self.DetectBatch = channel.unary_unary(
+                '/rtmdet.v1.Detector/DetectBatch',
+                request_serializer=rtmdet_dot_v1_dot_detector__pb2.DetectBatchRequest.SerializeToString,
+                response_deserializer=rtmdet_dot_v1_dot_detector__pb2.DetectBatchResponse.FromString,
+                _registered_method=True)
         self.DetectStream = channel.stream_stream(
                 '/rtmdet.v1.Detector/DetectStream',
                 request_serializer=rtmdet_dot_v1_dot_detector__pb2.DetectRequest.SerializeToString,
@@ -63,6 +68,15 @@ class DetectorServicer:
 
     def Detect(self, request, context):
         """One image in, its detections out.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DetectBatch(self, request, context):
+        """Several images in one call, answered in the same order; each is admitted and batched like a Detect
+        call of its own, and an image that fails has its own error in its entry (the others are answered).
+        More than RTMDET_MAX_IMAGES_PER_REQUEST entries: INVALID_ARGUMENT for the whole call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +110,11 @@ def add_DetectorServicer_to_server(servicer, server):
                     servicer.Detect,
                     request_deserializer=rtmdet_dot_v1_dot_detector__pb2.DetectRequest.FromString,
                     response_serializer=rtmdet_dot_v1_dot_detector__pb2.DetectResponse.SerializeToString,
+            ),
+            'DetectBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetectBatch,
+                    request_deserializer=rtmdet_dot_v1_dot_detector__pb2.DetectBatchRequest.FromString,
+                    response_serializer=rtmdet_dot_v1_dot_detector__pb2.DetectBatchResponse.SerializeToString,
             ),
             'DetectStream': grpc.stream_stream_rpc_method_handler(
                     servicer.DetectStream,
@@ -141,6 +160,33 @@ class Detector:
             '/rtmdet.v1.Detector/Detect',
             rtmdet_dot_v1_dot_detector__pb2.DetectRequest.SerializeToString,
             rtmdet_dot_v1_dot_detector__pb2.DetectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetectBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rtmdet.v1.Detector/DetectBatch',
+            rtmdet_dot_v1_dot_detector__pb2.DetectBatchRequest.SerializeToString,
+            rtmdet_dot_v1_dot_detector__pb2.DetectBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
