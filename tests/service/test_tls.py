@@ -3,10 +3,12 @@
 One server with TLS (and the plain-text health port), one with mTLS; each test calls HTTP and gRPC."""
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import httpx
@@ -125,19 +127,26 @@ def test_mtls_server_refuses_a_client_without_a_certificate_from_its_ca(mtls_ser
 
 
 def test_rtmdet_client_takes_ca_cert_and_key_on_both_protocols(mtls_server, pki, tmp_path, image):
-    path = tmp_path / "coffee.jpg"
-    path.write_bytes(image)
+    # A folder of images at --concurrency 8, over mTLS: one JSON line per image on both protocols.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (folder / name).write_bytes(image)
     tls = ["--ca", str(pki["ca"].cert_file), "--cert", str(pki["client"].cert), "--key", str(pki["client"].key)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for proto in (["--url", mtls_server.http], ["--grpc", "--target", mtls_server.grpc]):
-        proc = subprocess.run([sys.executable, "-m", "service", "client", str(path), *proto, *tls], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([sys.executable, "-m", "service", "client", str(folder), "--concurrency", "8", *proto,
+                               *tls], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
-        assert '"detections"' in proc.stdout
-        # Without the client certificate the same call fails with an error, not a traceback.
-        proc = subprocess.run([sys.executable, "-m", "service", "client", str(path), *proto, *tls[:2]], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=60)
-        assert proc.returncode != 0 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [Path(r["file"]).name for r in lines] == ["a.jpg", "b.jpg", "c.jpg"]
+        assert all("detections" in r for r in lines)
+        # Without the client certificate every image fails with an error line, not a traceback.
+        proc = subprocess.run([sys.executable, "-m", "service", "client", str(folder), *proto, *tls[:2],
+                               "--attempts", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "3 images, 0 ok, 3 failed" in proc.stderr
+        assert all("error" in json.loads(line) for line in proc.stdout.splitlines())
 
 
 def serve_with(tmp_path, *flags: str) -> subprocess.CompletedProcess:
