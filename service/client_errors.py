@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import ssl
 import time
 
 import grpc
@@ -144,8 +145,11 @@ def http_error(response: httpx.Response) -> DetectorError:
 def http_transport_error(exc: httpx.TransportError) -> DetectorError:
     """The error for a call that got no answer: timed out, or the connection failed (worth a retry: a
     detection has no side effects, so sending it again is safe)."""
+    legacy: type[Exception] = httpx.TransportError
     if isinstance(exc, httpx.TimeoutException):
         kind, message = DeadlineExceeded, f"no answer within the call's deadline ({type(exc).__name__})"
+    elif _tls_failure(exc):  # a certificate this client does not trust (or lacks): the same on every try
+        kind, message, legacy = BadRequest, f"TLS: {type(exc).__name__}: {exc}", type(exc)
     elif isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
         kind, message = Unavailable, f"{type(exc).__name__}: {exc}"
     else:  # a bad URL, a proxy error, ...: sending it again will not help
@@ -154,7 +158,20 @@ def http_transport_error(exc: httpx.TransportError) -> DetectorError:
         attrs = {"request": exc.request}
     except RuntimeError:  # httpx raises when the error carries no request
         attrs = {}
-    return _make(kind, httpx.TransportError, message, status=None, protocol="HTTP", **attrs)
+    return _make(kind, legacy, message, status=None, protocol="HTTP", **attrs)
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    """Whether a failed connection failed in the TLS handshake's certificate checks (an `ssl.SSLError` under
+    httpx's and httpcore's wrappers, or only its text when the chain was not kept)."""
+    seen = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def grpc_retry_after(metadata) -> tuple[float | None, bool]:
