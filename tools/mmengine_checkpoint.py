@@ -94,6 +94,9 @@ def write_in_mmdet_venv(work_dir: str) -> None:
     runner.message_hub.update_info("best_score", np.float64(0.25))  # a numpy scalar, as an evaluation leaves
     runner.train()
     runner.train()
+    # The reference reading: mmengine's own full unpickle of the file this run wrote a moment ago in its own
+    # temporary folder, inside the MMDetection venv (never a file from elsewhere). The project's safe reader
+    # (model/foreign_pickle.py) is then checked against exactly this.
     ck = torch.load(os.path.join(work_dir, "epoch_1.pth"), map_location="cpu", weights_only=False)
     torch.save({"state_dict": dict(ck["state_dict"]), "ema_state_dict": dict(ck["ema_state_dict"])},
                os.path.join(work_dir, "mmengine_reading.pt"))

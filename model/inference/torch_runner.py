@@ -42,7 +42,6 @@ class TorchRunner:
         self._engine = None  # built on the first forward, when the input shape is known
         self.auto_candidates = tuple(auto_candidates)
         self.auto_choice: AutoChoice | None = None
-        self.strides = tuple(model.bbox_head.strides)
         self.info = NetworkInfo(size=model.size, class_names=tuple(class_names), backend="torch",
                                 device=str(device), dtype=str(self.dtype).replace("torch.", ""),
                                 strides=tuple(model.bbox_head.strides), input_size=input_size,
@@ -53,11 +52,11 @@ class TorchRunner:
 
     def _build(self, example_uint8: torch.Tensor | None):
         if self.accelerate == "auto":
-            engine, self.auto_choice = choose_runner(self.network, self.normalize, example_uint8, self.strides,
+            engine, self.auto_choice = choose_runner(self.network, self.normalize, example_uint8, self.info.strides,
                                                      candidates=self.auto_candidates)
             self._set_mode(self.auto_choice.chosen)
             return engine
-        return build_runner(self.accelerate, self.network, self.normalize, example_uint8, self.strides)
+        return build_runner(self.accelerate, self.network, self.normalize, example_uint8, self.info.strides)
 
     def _set_mode(self, mode: str) -> None:
         self.accelerate = mode
