@@ -89,25 +89,33 @@ class EagerRunner:
 
 
 class InductorRunner:
-    """`torch.compile` (inductor) of normalise + network, weights frozen into the graph, max-autotune.
+    """`torch.compile` (inductor) of normalise + network, weights frozen into the graph.
 
-    Freezing needs the calls to run without autograd (they do: `torch.no_grad`); the options apply to this
-    compilation only (no process-wide inductor config is changed)."""
+    Freezing is what makes inductor fast on the CPU: with the weights as constants it packs every convolution
+    for oneDNN once and fuses its bias, SiLU and residual add into it (`mkldnn::_convolution_pointwise`);
+    without it each call runs plain `aten.convolution`, re-laying out the weights (RTMDet-tiny, 640, 1 thread:
+    ~77 ms against ~101 ms). `torch.compile(options={"freezing": True})` does *not* freeze: inductor reads
+    `config.freezing` before the options are applied, so the flag is patched around each call instead (a
+    compile, first call of a shape, happens inside one). Freezing needs the calls to run without autograd
+    (`torch.no_grad`)."""
 
     name = "inductor"
 
-    def __init__(self, net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
+                 options: dict | None = None) -> None:
         self.net = net
         self.normalize = normalize
-        self.compiled = torch.compile(self._forward, options={"freezing": True, "max_autotune": True})
+        self.compiled = torch.compile(self._forward, options=options)
 
     def _forward(self, batch_uint8: torch.Tensor):
         return self.net(self.normalize(batch_uint8))
 
     def __call__(self, batch_uint8: torch.Tensor) -> Outputs:
+        from torch._inductor import config as inductor_config
+
         # no_grad, not inference_mode: inductor's freezing pass wants parameters it may fold, and
         # inference-mode tensors cannot be saved for its graph.
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), inductor_config.patch(freezing=True):
             cls, reg = self.compiled(batch_uint8.clone() if batch_uint8.is_inference() else batch_uint8)
         return list(cls), list(reg)
 
