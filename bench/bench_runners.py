@@ -9,8 +9,9 @@ For each thread count and model size, on the same seeded weights (BatchNorm fold
   PyTorch paths; ONNX Runtime and OpenVINO (float32) run the ONNX export of the very same network (one
   dynamo-based export); MMDetection's network forward runs in its own venv (bench/mmdet_peer.py, random
   weights and input: a forward's cost depends on neither; its input is already normalised, ours is uint8);
-- `auto` is measured as the Detector does it at start-up (model.inference.runner_choice.pick_fastest, batch 1)
-  from the runners already built, and the pick is reported: the project picks it by itself;
+- `auto` is measured as the Detector does it at start-up (model.inference.runner_choice.pick_fastest, at the
+  smallest and the largest batch) from the runners already built, and the pick for each row's batch is
+  reported: the project picks it by itself;
 - rows `forward`: the runner alone, uint8 batch in, raw head outputs out, images/s;
 - rows `detector`: decoded images to boxes (letterbox, forward, decode + NMS at serving thresholds), through
   `Detector` for each of our runners, ONNX Runtime's and OpenVINO's included (their forward plus our pre/post),
@@ -42,7 +43,7 @@ from bench_vs_mmdet import MMDET_PY, MMDetPeer  # noqa: E402
 from model import Detector, TestConfig, build_rtmdet  # noqa: E402
 from model.inference.accelerate import EagerRunner, InductorRunner  # noqa: E402
 from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, export_network  # noqa: E402
-from model.inference.runner_choice import peak_relative_error, pick_fastest  # noqa: E402
+from model.inference.runner_choice import nearest_size, peak_relative_error, pick_fastest  # noqa: E402
 from model.testing import fill_deterministic  # noqa: E402
 
 OURS = ("eager", "inductor")
@@ -107,10 +108,11 @@ def bench_size(size: str, threads: int, batches: list[int], seconds: float, roun
     t0 = time.perf_counter()
     runners = runners_for(base, threads, inductor)
     build_s = time.perf_counter() - t0
-    x1, _ = base.preprocess(photos(1))
-    # The start-up choice, as `Detector(accelerate="auto")` makes it (batch 1), from the runners built above.
+    examples = [base.preprocess(photos(b))[0] for b in sorted({min(batches), max(batches)})]
+    # The start-up choice, as `Detector(accelerate="auto")` makes it after a warm-up of these batch sizes (the
+    # smallest and the largest are measured), from the runners built above.
     _, choice = pick_fastest(runners["eager"], {k: (lambda r=r: r) for k, r in runners.items()
-                                                if k != "eager" and r is not None}, x1, threads)
+                                                if k != "eager" and r is not None}, examples, threads)
     print(json.dumps({"size": size, "threads": threads, "build_s": round(build_s, 1), "auto": choice.summary()}),
           flush=True)
     dets = {}
@@ -134,7 +136,8 @@ def bench_size(size: str, threads: int, batches: list[int], seconds: float, roun
         whole = interleaved({**{k: partial(d, imgs) for k, d in dets.items()}, "mmdet": peer_fwd}, seconds, rounds)
         if "mmdet" in whole:  # their forward plus our pre/post
             whole["mmdet"] += pre["pre"] + pre["post"]
-        common = {"size": size, "batch": b, "threads": threads, "auto": choice.chosen}
+        common = {"size": size, "batch": b, "threads": threads,
+                  "auto": choice.by_batch[nearest_size(list(choice.by_batch), b)]}
         rows.append({"what": "forward", **common, **{k: b / v for k, v in fwd.items()},
                      "max_peak_rel_error": max(errors.values())})
         rows.append({"what": "detector", **common, **{k: b / v for k, v in whole.items()},

@@ -198,10 +198,10 @@ _GRPC_BAD_REQUEST = frozenset({
 def grpc_error(exc: grpc.RpcError) -> DetectorError:
     """The error for a failed gRPC call (sync or grpc.aio).
 
-    RESOURCE_EXHAUSTED means two things on this server: a full queue (retry) or an image over the size limits
-    (never retry). The server sends no retry-after metadata today, so a full queue is told by its message
-    ("queue full ...", service/batcher.py); a `retry-after` / `grpc-retry-pushback-ms` trailer, when a server
-    sends one, marks any status as retryable after that wait.
+    RESOURCE_EXHAUSTED means two things on this server: overload (a full queue, an SLO refusal: retry) or an
+    image over the size limits (never retry). Every overload answer carries a `retry-after` trailer
+    (service/errors.py), and a `retry-after` / `grpc-retry-pushback-ms` trailer marks any status as retryable
+    after that wait; a server of before the trailer is still understood by its message ("queue full ...").
     """
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
     details = (exc.details() if callable(getattr(exc, "details", None)) else None) or str(code)

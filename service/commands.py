@@ -15,6 +15,9 @@ from model.config import SIZES
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
+    from model.inference.accelerate import MODES
+    from service.registry import MODEL_OPTION_SYNTAX
+
     p = sub.add_parser("serve", help="serve detection over HTTP and gRPC (flags override RTMDET_* settings)")
     p.add_argument("--host")
     p.add_argument("--http-port", type=int)
@@ -23,8 +26,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", choices=SIZES)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     add_weights_key_argument(p)
-    p.add_argument("--model", action="append", metavar="NAME=PATH[,size=S][,img_size=N][,backend=B]",
-                   help="serve this model under NAME (repeatable; the first is the default)")
+    p.add_argument("--model", action="append", metavar=MODEL_OPTION_SYNTAX,
+                   help="serve this model under NAME (repeatable; the first is the default); accelerate: "
+                        f"{'|'.join(MODES)}; latency_slo_ms: this model's RTMDET_LATENCY_SLO_MS")
     p.add_argument("--model-repository", type=Path, metavar="DIR",
                    help="serve every model in DIR/<model>/<version>/ (SIGHUP re-reads it)")
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="TLS certificate (chain) for HTTPS and gRPC")

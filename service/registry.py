@@ -342,14 +342,17 @@ def info_labels(version: ModelVersion) -> dict[str, str]:
 # -- where specs come from --------------------------------------------------------------------------------
 _OPTION_ALIASES = {"img_size": "input_size"}
 MODEL_OPTIONS = ("size", "input_size", "backend", "num_classes", "accelerate", "latency_slo_ms")
+# How `--model` is written, for its help and its errors: every option of MODEL_OPTIONS, img_size for input_size.
+MODEL_OPTION_SYNTAX = "NAME=PATH" + "".join(f"[,{_o}=...]" for _o in ("size", "img_size", "backend", "num_classes",
+                                                                        "accelerate", "latency_slo_ms"))
 
 
 def parse_model_option(text: str, settings: ServiceSettings) -> ModelSpec:
-    """`NAME=PATH[,size=S][,img_size=N][,backend=B][,classes=N]` -> a ModelSpec (other settings from `settings`)."""
+    """`MODEL_OPTION_SYNTAX` text -> a ModelSpec (other settings from `settings`)."""
     head, *options = text.split(",")
     name, sep, path = head.partition("=")
     if not sep or not name or not path:
-        raise ValueError(f"--model {text!r}: expected NAME=PATH[,size=S][,img_size=N][,backend=B]")
+        raise ValueError(f"--model {text!r}: expected {MODEL_OPTION_SYNTAX}")
     fields: dict = {"name": name, "weights": Path(path), "device": settings.device, "fp16": settings.fp16,
                     "backend": settings.backend, "size": settings.size, "input_size": settings.input_size,
                     "accelerate": settings.accelerate, "weights_key": settings.weights_key,
@@ -358,8 +361,7 @@ def parse_model_option(text: str, settings: ServiceSettings) -> ModelSpec:
         key, sep, value = opt.partition("=")
         key = _OPTION_ALIASES.get(key.strip(), key.strip())
         if not sep or key not in MODEL_OPTIONS:
-            raise ValueError(f"--model {text!r}: unknown option {opt!r}; known: size, img_size, backend, num_classes, "
-                             "accelerate, latency_slo_ms")
+            raise ValueError(f"--model {text!r}: unknown option {opt!r}; expected {MODEL_OPTION_SYNTAX}")
         fields[key] = value.strip()
     try:
         return ModelSpec(**fields)

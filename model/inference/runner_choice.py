@@ -4,16 +4,19 @@ Which runner is fastest depends on the CPU (AVX-512, AMX), the thread count, the
 here, for tiny at 640 on 1 thread, inductor, ONNX Runtime and OpenVINO are within 10% of each other and the
 order changes from run to run, so the choice is measured rather than assumed.
 
-How, on the first batch the Detector sees (its warm-up's first size, normally batch 1):
+How, at the batch sizes the Detector is warmed up for (the smallest and the largest of them, e.g. 1 and the
+server's max batch; or the first batch it sees when it is not warmed up):
 - eager runs first; its outputs are the reference.
 - each candidate is built (one ONNX export serves ONNX Runtime and OpenVINO; a runner that cannot be built,
   e.g. its package is not installed, is skipped and says why), run `WARM_CALLS` times, then checked: the
   largest difference from eager on any output, relative to that output's peak, must be <= `PEAK_TOLERANCE`
   (1e-4, float32), else it is refused;
-- then all candidates are timed in `ROUNDS` alternating rounds of one call each (a shared machine's load
-  falls on all of them alike); the median decides.
+- then, at each size, all candidates are timed in `ROUNDS` alternating rounds of one call each (a shared
+  machine's load falls on all of them alike); the median decides that size's winner. Where different runners
+  win at different sizes (in the README's table the faster runtime at batch 8 is not always the one at
+  batch 1), the Detector runs each batch on the winner of the nearest measured size (`ByBatchSize`).
 Cost, bounded by construction: one ONNX export (~10 s for tiny here), one inductor compile (~5-20 s for
-tiny), and WARM_CALLS + ROUNDS = 7 forwards per candidate: 10-15 s for tiny at 320 on 1 thread here (measured,
+tiny), and WARM_CALLS + ROUNDS = 7 forwards per candidate and size: 10-15 s for tiny at 320 on 1 thread here (measured,
 inductor's compile cache warm); more at 640 and for larger sizes.
 The result (every candidate's median and error) is kept in `AutoChoice` (`Detector.auto_choice`) and logged;
 `Detector.describe()['accelerate']` names the runner chosen.
@@ -21,6 +24,7 @@ The result (every candidate's median and error) is kept in `AutoChoice` (`Detect
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -54,17 +58,19 @@ def peak_relative_error(got: Outputs, want: Outputs) -> float:
 class Measurement:
     name: str
     build_s: float = 0.0
-    median_ms: float | None = None
+    median_ms: float | None = None  # at the first measured batch size
     peak_rel_error: float | None = None
     refused: str | None = None  # why the candidate was not timed
+    median_ms_by_batch: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
 class AutoChoice:
-    chosen: str
-    batch: int
+    chosen: str  # the runner's name, or "a+b" where different runners won at different batch sizes
+    batch: int  # the first (smallest) batch size measured
     threads: int
     measurements: list[Measurement] = field(default_factory=list)
+    by_batch: dict[int, str] = field(default_factory=dict)  # each measured batch size's winner
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,8 +78,37 @@ class AutoChoice:
     def summary(self) -> str:
         parts = []
         for m in self.measurements:
-            parts.append(f"{m.name} {m.median_ms:.1f} ms" if m.median_ms is not None else f"{m.name} ({m.refused})")
-        return f"auto runner: {self.chosen} (batch {self.batch}, {self.threads} threads: {', '.join(parts)})"
+            if m.median_ms_by_batch:
+                times = ", ".join(f"{t:.1f}" for t in m.median_ms_by_batch.values())
+                parts.append(f"{m.name} {times} ms")
+            else:
+                parts.append(f"{m.name} ({m.refused})")
+        sizes = "/".join(str(b) for b in self.by_batch) or str(self.batch)
+        winners = ", ".join(f"{n} at batch {b}" for b, n in self.by_batch.items())
+        return (f"auto runner: {self.chosen} ({winners}; medians at batch {sizes}, {self.threads} threads: "
+                f"{'; '.join(parts)})")
+
+
+def nearest_size(sizes: Sequence[int], batch: int) -> int:
+    """The measured batch size nearest to `batch` on a log scale (a tie goes to the larger size)."""
+    return min(sizes, key=lambda s: (abs(math.log2(s) - math.log2(max(batch, 1))), -s))
+
+
+class ByBatchSize:
+    """Each batch goes to the runner that was fastest at the measured batch size nearest to it (on a log
+    scale, a tie going to the larger size): where the fastest runtime changes with the batch (here, e.g. ONNX
+    Runtime at batch 1 and OpenVINO at batch 8), each size runs on its own winner."""
+
+    def __init__(self, by_batch: dict[int, Runner], names: dict[int, str]) -> None:
+        self.by_batch = dict(sorted(by_batch.items()))
+        self.names = names
+        self.name = "+".join(dict.fromkeys(names[b] for b in self.by_batch))
+
+    def runner_for(self, batch: int) -> Runner:
+        return self.by_batch[nearest_size(list(self.by_batch), batch)]
+
+    def __call__(self, batch_uint8: torch.Tensor) -> Outputs:
+        return self.runner_for(int(batch_uint8.shape[0]))(batch_uint8)
 
 
 def _builders(net: nn.Module, normalize: Callable, example: torch.Tensor, strides: Sequence[int], threads: int,
@@ -111,21 +146,26 @@ def _builders(net: nn.Module, normalize: Callable, example: torch.Tensor, stride
     return builders
 
 
-def choose_runner(net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor], example_uint8: torch.Tensor,
-                  strides: Sequence[int], threads: int | None = None,
+def choose_runner(net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
+                  examples: torch.Tensor | Sequence[torch.Tensor], strides: Sequence[int], threads: int | None = None,
                   candidates: Sequence[str] = CANDIDATES) -> tuple[Runner, AutoChoice]:
-    """Measure `candidates` on `example_uint8` (a batch of the serving shape) and return the fastest runner
-    whose outputs are within PEAK_TOLERANCE of eager's, with the measurements."""
+    """Measure `candidates` on `examples` (uint8 batches of the serving shape, one per batch size to decide;
+    normally the smallest and the largest the server runs) and return the fastest runner whose outputs are
+    within PEAK_TOLERANCE of eager's, per batch size, with the measurements."""
+    examples = [examples] if isinstance(examples, torch.Tensor) else list(examples)
     threads = threads or torch.get_num_threads()
-    builders = _builders(net, normalize, example_uint8, strides, threads, candidates)
-    return pick_fastest(EagerRunner(net, normalize), builders, example_uint8, threads)
+    builders = _builders(net, normalize, examples[0], strides, threads, candidates)
+    return pick_fastest(EagerRunner(net, normalize), builders, examples, threads)
 
 
-def pick_fastest(reference: Runner, builders: dict[str, Callable[[], Runner]], example_uint8: torch.Tensor,
-                 threads: int) -> tuple[Runner, AutoChoice]:
-    """`reference` (named eager) and every runner `builders` can build whose outputs match the reference's,
-    timed in alternating rounds; the fastest by median, with every candidate's measurement."""
-    want = reference(example_uint8)
+def pick_fastest(reference: Runner, builders: dict[str, Callable[[], Runner]],
+                 examples: torch.Tensor | Sequence[torch.Tensor], threads: int) -> tuple[Runner, AutoChoice]:
+    """`reference` (named eager) and every runner `builders` can build whose outputs match the reference's
+    (checked at each example's batch size), timed in alternating rounds at each size; per size the fastest by
+    median. One runner when one won everywhere, else a `ByBatchSize` over the winners."""
+    examples = sorted([examples] if isinstance(examples, torch.Tensor) else list(examples),
+                      key=lambda x: int(x.shape[0]))
+    wants = [reference(x) for x in examples]
     runners: dict[str, Runner] = {"eager": reference}
     measured = {"eager": Measurement("eager", peak_rel_error=0.0)}
     for name, build in builders.items():
@@ -133,29 +173,44 @@ def pick_fastest(reference: Runner, builders: dict[str, Callable[[], Runner]], e
         t0 = time.perf_counter()
         try:
             runner = build()
-            for _ in range(WARM_CALLS):
-                out = runner(example_uint8)
+            errors = []
+            for x, want in zip(examples, wants, strict=True):
+                for _ in range(WARM_CALLS):  # the first call of a shape may compile it
+                    out = runner(x)
+                errors.append(peak_relative_error(out, want))
         except Exception as exc:  # unavailable here (not installed, unsupported CPU, compiler missing)
             first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
             m.refused = f"{type(exc).__name__}: {first_line}"
             log.warning("auto runner: %s skipped: %s", name, m.refused)
             continue
         m.build_s = time.perf_counter() - t0
-        m.peak_rel_error = peak_relative_error(out, want)
+        m.peak_rel_error = max(errors)
         if not m.peak_rel_error <= PEAK_TOLERANCE:
             m.refused = f"outputs {m.peak_rel_error:.1e} of the peak off eager's"
             log.warning("auto runner: %s refused: %s", name, m.refused)
             continue
         runners[name] = runner
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(ROUNDS):
-        for name, runner in runners.items():
-            t0 = time.perf_counter()
-            runner(example_uint8)
-            times[name].append(time.perf_counter() - t0)
-    for name, ts in times.items():
-        measured[name].median_ms = statistics.median(ts) * 1e3
-    chosen = min(times, key=lambda n: statistics.median(times[n]))
-    choice = AutoChoice(chosen, int(example_uint8.shape[0]), threads, list(measured.values()))
+    winners: dict[int, str] = {}
+    for x in examples:
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for _ in range(ROUNDS):
+            for name, runner in runners.items():
+                t0 = time.perf_counter()
+                runner(x)
+                times[name].append(time.perf_counter() - t0)
+        batch = int(x.shape[0])
+        for name, ts in times.items():
+            measured[name].median_ms_by_batch[batch] = statistics.median(ts) * 1e3
+        winners[batch] = min(times, key=lambda n: statistics.median(times[n]))
+    for m in measured.values():
+        if m.median_ms_by_batch:
+            m.median_ms = next(iter(m.median_ms_by_batch.values()))
+    if len(set(winners.values())) == 1:
+        chosen = runners[next(iter(winners.values()))]
+        name = next(iter(winners.values()))
+    else:
+        chosen = ByBatchSize({b: runners[n] for b, n in winners.items()}, winners)
+        name = chosen.name
+    choice = AutoChoice(name, int(examples[0].shape[0]), threads, list(measured.values()), winners)
     log.info("%s", choice.summary())
-    return runners[chosen], choice
+    return chosen, choice

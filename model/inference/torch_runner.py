@@ -50,9 +50,10 @@ class TorchRunner:
     def with_input_size(self, input_size: int) -> None:
         self.info = replace(self.info, input_size=input_size)
 
-    def _build(self, example_uint8: torch.Tensor | None):
+    def _build(self, example_uint8: torch.Tensor | None, auto_examples: Sequence[torch.Tensor] = ()):
         if self.accelerate == "auto":
-            engine, self.auto_choice = choose_runner(self.network, self.normalize, example_uint8, self.info.strides,
+            engine, self.auto_choice = choose_runner(self.network, self.normalize, list(auto_examples) or
+                                                     [example_uint8], self.info.strides,
                                                      candidates=self.auto_candidates)
             self._set_mode(self.auto_choice.chosen)
             return engine
@@ -78,11 +79,16 @@ class TorchRunner:
 
     def warmup(self, batch_sizes: Sequence[int], input_size: int) -> None:
         """Each batch size once (more where the engine asks: TorchScript profiles shapes over two calls); on CUDA
-        the sizes become the graph buckets; with `auto`, the first size is the one the engines are measured at."""
+        the sizes become the graph buckets; with `auto`, the engines are measured at the smallest and the largest
+        size, and each batch runs on the winner of the nearer one."""
         if self.accelerate == "cudagraph":
             if self._engine is None:
                 self._engine = self._build(None)
             self._engine.buckets = sorted(set(batch_sizes))
+        if self.accelerate == "auto" and self._engine is None and batch_sizes:
+            sizes = sorted({min(batch_sizes), max(batch_sizes)})
+            with torch.inference_mode():
+                self._engine = self._build(None, [blank_batch(b, input_size) for b in sizes])
         for b in batch_sizes:
             batch = blank_batch(b, input_size)
             self.forward(batch)

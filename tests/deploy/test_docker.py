@@ -164,12 +164,15 @@ def test_compose_tls_profile_mounts_the_certificates_where_the_settings_point():
 
 
 def test_prometheus_scrapes_every_detector_the_compose_file_defines():
-    cfg = compose_config("gpu", "triton")
+    """Every profile's detector, each on the port where its /metrics speaks plain HTTP: 8000, or the health
+    port where 8000 is TLS (Prometheus would need the client certificate there)."""
+    cfg = compose_config("gpu", "triton", "tls")
     prom = yaml.safe_load((ROOT / "docker" / "prometheus" / "prometheus.yml").read_text())
     (job,) = [j for j in prom["scrape_configs"] if j["job_name"] == "rtmdet"]
     targets = {t for sc in job["static_configs"] for t in sc["targets"]}
-    detectors = {f"{name}:8000" for name in cfg["services"] if name.startswith("detector")}
-    assert targets == detectors
+    detectors = {f"{name}:{svc['environment'].get('RTMDET_HEALTH_PORT', 8000)}"
+                 for name, svc in cfg["services"].items() if name.startswith("detector")}
+    assert "detector-tls:8081" in detectors and targets == detectors
 
 
 def test_compose_rejects_a_broken_file(tmp_path):

@@ -75,6 +75,12 @@ def test_inductor_runner_gives_eager_outputs(net):
     with torch.inference_mode():  # as Detector.forward calls it
         got = compiled(x)
     assert 0 <= peak_relative_error(got, eager(x)) <= PEAK_TOLERANCE
+    # Frozen: the weights are constants, packed once for oneDNN with bias and SiLU fused in; unfrozen, every
+    # call runs aten.convolution on weights passed in (what `options={"freezing": True}` alone gave).
+    with torch.profiler.profile() as prof, torch.inference_mode():
+        compiled(x)
+    ops = {e.name for e in prof.events()}
+    assert "mkldnn::_convolution_pointwise" in ops and "aten::convolution" not in ops, sorted(ops)
 
 
 class Slowed:
@@ -111,6 +117,48 @@ def test_auto_keeps_the_fastest_runner_that_matches_and_says_why_others_lost(net
     assert "auto runner: right" in choice.summary()
 
 
+class SlowAt:
+    """A right runner made slower by a known sleep at one batch size only."""
+
+    def __init__(self, runner, batch, seconds):
+        self.runner, self.batch, self.seconds = runner, batch, seconds
+        self.calls = []
+
+    def __call__(self, x):
+        self.calls.append(int(x.shape[0]))
+        if x.shape[0] == self.batch:
+            time.sleep(self.seconds)
+        return self.runner(x)
+
+
+def test_auto_runs_each_batch_size_on_the_runner_that_was_fastest_at_the_nearest_measured_size(net):
+    network, _ = net
+    eager = EagerRunner(network, Normalizer(torch.device("cpu"), channels_last=True))
+    x1, x8 = batches(1, 8, seed=4)
+    slow_at_1, slow_at_8 = SlowAt(eager, 1, 0.2), SlowAt(eager, 8, 0.2)
+    runner, choice = pick_fastest(Slowed(eager, 0.1), {"fast_at_8": lambda: slow_at_1, "fast_at_1": lambda: slow_at_8},
+                                  [x8, x1], threads=1)
+    assert choice.by_batch == {1: "fast_at_1", 8: "fast_at_8"} and choice.batch == 1
+    assert choice.chosen == "fast_at_1+fast_at_8"
+    by_name = {m.name: m for m in choice.measurements}
+    assert by_name["fast_at_1"].median_ms_by_batch[8] >= 200 > by_name["fast_at_1"].median_ms_by_batch[1]
+    for batch, expected in [(1, slow_at_8), (2, slow_at_8), (3, slow_at_1), (8, slow_at_1), (16, slow_at_1)]:
+        slow_at_1.calls.clear()
+        slow_at_8.calls.clear()
+        (x,) = batches(batch, seed=5)
+        got = runner(x)
+        assert expected.calls == [batch], (batch, slow_at_1.calls, slow_at_8.calls)
+        assert peak_relative_error(got, eager(x)) == 0.0
+
+
+def test_auto_with_one_winner_everywhere_returns_that_runner_itself(net):
+    network, _ = net
+    eager = EagerRunner(network, Normalizer(torch.device("cpu"), channels_last=True))
+    x1, x4 = batches(1, 4, seed=6)
+    runner, choice = pick_fastest(Slowed(eager, 0.1), {"right": lambda: eager}, [x1, x4], threads=1)
+    assert runner is eager and choice.chosen == "right" and choice.by_batch == {1: "right", 4: "right"}
+
+
 def test_detector_auto_picks_a_measured_runner_and_keeps_the_eager_detections():
     model = confident_model()
     imgs = [cv2.imread(str(p)) for p in PHOTOS]
@@ -118,13 +166,15 @@ def test_detector_auto_picks_a_measured_runner_and_keeps_the_eager_detections():
     eager = Detector(model, ["a", "b", "c"], device="cpu", test_cfg=cfg)
     auto = Detector(model, ["a", "b", "c"], device="cpu", test_cfg=cfg, accelerate="auto",
                     auto_candidates=("eager", "onnxruntime", "openvino"))  # inductor: its own test, compile is slow
-    auto.warmup([1, 2])
+    auto.warmup([1, 2, 4])
     choice = auto.auto_choice
-    assert choice is not None and choice.batch == 1
+    assert choice is not None and choice.batch == 1 and sorted(choice.by_batch) == [1, 4]  # smallest, largest
     assert [m.name for m in choice.measurements] == ["eager", "onnxruntime", "openvino"]
-    assert all(m.median_ms > 0 and m.peak_rel_error <= PEAK_TOLERANCE for m in choice.measurements)
-    fastest = min(choice.measurements, key=lambda m: m.median_ms)
-    assert auto.describe()["accelerate"] == choice.chosen == fastest.name
+    assert all(m.peak_rel_error <= PEAK_TOLERANCE and sorted(m.median_ms_by_batch) == [1, 4]
+               and min(m.median_ms_by_batch.values()) > 0 for m in choice.measurements)
+    for b, winner in choice.by_batch.items():
+        assert winner == min(choice.measurements, key=lambda m: m.median_ms_by_batch[b]).name
+    assert auto.describe()["accelerate"] == choice.chosen == "+".join(dict.fromkeys(choice.by_batch.values()))
     for e, a in zip(eager(imgs), auto(imgs), strict=True):
         assert len(e) > 0 and len(e) == len(a)
         assert_same_detections_any_order(e, a, atol_score=1e-5, atol_box=1e-2)
