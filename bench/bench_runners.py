@@ -5,17 +5,21 @@
         [--rounds 4] [--no-mmdet] [--no-inductor]
 
 For each thread count and model size, on the same seeded weights (BatchNorm folded, 640x640, real photos):
-- the runners are built once: eager and inductor (`torch.compile`, freezing, max-autotune) are this project's
-  PyTorch paths; ONNX Runtime and OpenVINO (float32) run the ONNX export of the very same network (one
-  dynamo-based export); MMDetection's network forward runs in its own venv (bench/mmdet_peer.py, random
-  weights and input: a forward's cost depends on neither; its input is already normalised, ours is uint8);
+- the runners are built once: eager and inductor (`torch.compile` with freezing) are this project's PyTorch
+  paths; `onnxruntime` and `openvino` are this project's runners of those runtimes (model.inference.onnx_runners:
+  a batch cut over one single-threaded stream per thread); the peers **ONNX Runtime** and **OpenVINO** are the
+  same runtimes as a plain user runs them (one session / compiled model with all the threads, the whole batch
+  in one call; OpenVINO with PERFORMANCE_HINT=LATENCY), all float32 on the ONNX export of the very same network
+  (one dynamo-based export); MMDetection's network forward runs in its own venv (bench/mmdet_peer.py, random
+  weights and input: a forward's cost depends on neither; its input is already normalised, ours is uint8).
+  At 1 thread our runtime runners and the peers run the same code: their ratio is the run's noise;
 - `auto` is measured as the Detector does it at start-up (model.inference.runner_choice.pick_fastest, at the
   smallest and the largest batch) from the runners already built, and the pick for each row's batch is
   reported: the project picks it by itself;
 - rows `forward`: the runner alone, uint8 batch in, raw head outputs out, images/s;
 - rows `detector`: decoded images to boxes (letterbox, forward, decode + NMS at serving thresholds), through
-  `Detector` for each of our runners, ONNX Runtime's and OpenVINO's included (their forward plus our pre/post),
-  and MMDetection's forward plus our measured pre/post time.
+  `Detector` for each runner, the peers included (their forward plus our pre/post), and MMDetection's forward
+  plus our measured pre/post time.
 Every runner of a row is timed in `--rounds` alternating rounds of equal calls (the peer's calls in turn with
 ours), so all see the same load on a shared machine; the median per call decides. Threads: torch, ONNX
 Runtime's intra-op pool, OpenVINO's INFERENCE_NUM_THREADS and the peer's torch are all set to the same count.
@@ -46,8 +50,8 @@ from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, expo
 from model.inference.runner_choice import nearest_size, peak_relative_error, pick_fastest  # noqa: E402
 from model.testing import fill_deterministic  # noqa: E402
 
-OURS = ("eager", "inductor")
-PEERS = ("onnxruntime", "openvino")
+OURS = ("eager", "inductor", "onnxruntime", "openvino")
+PEERS = ("ort_plain", "ov_plain")
 
 
 class SelfTimed:
@@ -96,6 +100,8 @@ def runners_for(det: Detector, threads: int, inductor: bool) -> dict[str, object
     with export_network(det.network, det.strides, det.input_size) as path:
         out["onnxruntime"] = OnnxRuntimeRunner(path, threads)
         out["openvino"] = OpenVINORunner(path, threads)
+        out["ort_plain"] = OnnxRuntimeRunner(path, threads, streams=1)
+        out["ov_plain"] = OpenVINORunner(path, threads, streams=1)
     return out
 
 
@@ -112,7 +118,7 @@ def bench_size(size: str, threads: int, batches: list[int], seconds: float, roun
     # The start-up choice, as `Detector(accelerate="auto")` makes it after a warm-up of these batch sizes (the
     # smallest and the largest are measured), from the runners built above.
     _, choice = pick_fastest(runners["eager"], {k: (lambda r=r: r) for k, r in runners.items()
-                                                if k != "eager" and r is not None}, examples, threads)
+                                                if k in OURS and k != "eager" and r is not None}, examples, threads)
     print(json.dumps({"size": size, "threads": threads, "build_s": round(build_s, 1), "auto": choice.summary()}),
           flush=True)
     dets = {}
@@ -130,9 +136,8 @@ def bench_size(size: str, threads: int, batches: list[int], seconds: float, roun
         peer_fwd = SelfTimed(partial(peer.forward_times, size, b, 1)) if peer else None
         fwd = interleaved({**{k: partial(r, x) for k, r in runners.items() if r is not None}, "mmdet": peer_fwd},
                           seconds, rounds)
-        cls, reg = ref
         pre = interleaved({"pre": partial(base.preprocess, imgs),
-                           "post": partial(base.postprocess, cls, reg, infos, cfg)}, seconds / 4, 2)
+                           "post": partial(base.postprocess, base.forward(x), infos, cfg)}, seconds / 4, 2)
         whole = interleaved({**{k: partial(d, imgs) for k, d in dets.items()}, "mmdet": peer_fwd}, seconds, rounds)
         if "mmdet" in whole:  # their forward plus our pre/post
             whole["mmdet"] += pre["pre"] + pre["post"]
@@ -158,9 +163,10 @@ def over_best_peer(row: dict, key: str) -> float | None:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ("what", "size", "batch", "threads", "eager", "inductor", "ONNX Runtime", "OpenVINO", "MMDetection",
-            "auto picks", "inductor / best peer", "auto / best peer")
-    print("\nimages/s (higher is better); best peer = the faster of ONNX Runtime and OpenVINO in that row")
+    head = ("what", "size", "batch", "threads", "eager", "inductor", "onnxruntime", "openvino", "ONNX Runtime",
+            "OpenVINO", "MMDetection", "auto picks", "inductor / best peer", "auto / best peer")
+    print("\nimages/s (higher is better); onnxruntime, openvino: this project's runners of them (streams); ONNX "
+          "Runtime, OpenVINO: the plain runtimes; best peer = the faster of those two in that row")
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
         print(f"| {r['what']} | {r['size']} | {r['batch']} | {r['threads']} | " + " | ".join(

@@ -8,6 +8,13 @@ OpenVINO: its CPU plugin runs in bfloat16 by default on CPUs with AVX512-BF16/AM
 is ~1.7x faster here but 5e-3 of the peak off float32; `INFERENCE_PRECISION_HINT=f32` keeps it exact (within
 1e-6 of the peak, as ONNX Runtime). Each batch size is compiled once for its static shape (~0.5 s for tiny)
 on first use: static shapes let the plugin pick its kernels ahead.
+
+Streams (both runtimes): with `threads` >= 2, a batch of two or more images is cut into `threads` chunks run at
+once, each on one core (ONNX Runtime: one single-threaded session per stream; OpenVINO: NUM_STREAMS, its own
+way of doing the same), while a batch of one runs on one session with all the threads. Cores that share no
+image need not wait for each other after every layer, as one image's intra-op threads must (measured in
+`bench/bench_runners.py`, which also times each runtime on one session, as a plain user runs it). Each stream
+keeps its own copy of the weights (ONNX Runtime: `threads` + 1 sessions).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +54,37 @@ def split_heads(arrays: Sequence[np.ndarray]) -> Outputs:
     return tensors[:half], tensors[half:]
 
 
+STREAM_TIMEOUT_S = 600.0  # one chunk's inference; far beyond any here (RTMDet-x, a 640 batch of 8: ~30 s)
+
+
+def chunk_sizes(batch: int, streams: int) -> list[int]:
+    """How a batch is cut over the streams: as evenly as it goes, bigger chunks first (7 over 2: [4, 3])."""
+    n = max(1, min(batch, streams))
+    return [batch // n + (1 if i < batch % n else 0) for i in range(n)]
+
+
+def concat_heads(parts: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """Each output's chunks joined along the batch axis, in chunk order."""
+    return [np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0] for arrays in zip(*parts, strict=True)]
+
+
 class OnnxRuntimeRunner:
-    """An onnxruntime CPU session; `run` is thread-safe, so one session serves every caller."""
+    """onnxruntime CPU sessions; `run` is thread-safe, so the sessions serve every caller. `streams` (default:
+    `threads`) single-threaded sessions run a batch's chunks at once; one `threads`-threaded session runs a
+    batch of one (or every batch, with `streams=1`: what a plain ONNX Runtime user gets)."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int) -> None:
+    def __init__(self, path: str | Path, threads: int, streams: int | None = None) -> None:
+        self.threads = threads
+        self.streams = max(1, threads if streams is None else min(streams, threads))
+        self.session = self._session(path, threads)
+        self.stream_sessions = [self._session(path, 1) for _ in range(self.streams)] if self.streams > 1 else []
+        self.pool = (ThreadPoolExecutor(self.streams, thread_name_prefix="ort-stream") if self.stream_sessions
+                     else None)
+
+    @staticmethod
+    def _session(path: str | Path, threads: int):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -63,54 +96,79 @@ class OnnxRuntimeRunner:
         # waits as passively as torch's threads do.
         spin = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     def __call__(self, batch_uint8: torch.Tensor) -> Outputs:
-        return split_heads(self.session.run(None, {INPUT_NAME: batch_uint8.cpu().numpy()}))
+        x = batch_uint8.cpu().numpy()
+        sizes = chunk_sizes(len(x), self.streams)
+        if len(sizes) == 1:
+            return split_heads(self.session.run(None, {INPUT_NAME: x}))
+        bounds = np.cumsum([0, *sizes])
+        futures = [self.pool.submit(session.run, None, {INPUT_NAME: x[a:b]})
+                   for session, a, b in zip(self.stream_sessions, bounds[:-1], bounds[1:], strict=False)]
+        return split_heads(concat_heads([f.result(timeout=STREAM_TIMEOUT_S) for f in futures]))
 
 
 class OpenVINORunner:
-    """OpenVINO's CPU plugin, float32, one compiled model per batch size; infer requests per thread (a
-    request runs one inference at a time, and the service's watchdog may start a new batcher thread while
-    an old one is still inside a call)."""
+    """OpenVINO's CPU plugin, float32, one compiled model per chunk shape; infer requests per thread (a request
+    runs one inference at a time, and the service's watchdog may start a new batcher thread while an old one is
+    still inside a call). A batch of one runs on all the threads (PERFORMANCE_HINT=LATENCY); a bigger one is cut
+    into `streams` (default: `threads`) chunks run at once on NUM_STREAMS streams of one thread each."""
 
     name = "openvino"
 
-    def __init__(self, path: str | Path, threads: int) -> None:
+    def __init__(self, path: str | Path, threads: int, streams: int | None = None) -> None:
         import openvino as ov
 
         self.core = ov.Core()
         self.model = self.core.read_model(str(path))
-        self.config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                       "INFERENCE_PRECISION_HINT": "f32"}
-        self.compiled: dict[tuple[int, ...], object] = {}
+        self.streams = max(1, threads if streams is None else min(streams, threads))
+        self.configs = {
+            "latency": {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                        "INFERENCE_PRECISION_HINT": "f32"},
+            "streams": {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": self.streams,
+                        "INFERENCE_PRECISION_HINT": "f32"},
+        }
+        self.compiled: dict[tuple, object] = {}
         self.lock = threading.Lock()  # held only to compile a new shape, never around an inference
         self.local = threading.local()
 
-    def _compiled_for(self, shape: tuple[int, ...]):
+    def _compiled_for(self, mode: str, shape: tuple[int, ...]):
         with self.lock:
-            if shape not in self.compiled:
+            if (mode, shape) not in self.compiled:
                 model = self.model.clone()
                 model.reshape({INPUT_NAME: list(shape)})
-                self.compiled[shape] = self.core.compile_model(model, "CPU", self.config)
-            return self.compiled[shape]
+                self.compiled[mode, shape] = self.core.compile_model(model, "CPU", self.configs[mode])
+            return self.compiled[mode, shape]
+
+    def _request(self, mode: str, shape: tuple[int, ...], index: int):
+        requests = self.local.__dict__.setdefault("requests", {})
+        key = (mode, shape, index)
+        if key not in requests:
+            requests[key] = self._compiled_for(mode, shape).create_infer_request()
+        return requests[key]
 
     def __call__(self, batch_uint8: torch.Tensor) -> Outputs:
         x = batch_uint8.cpu().numpy()
-        shape = tuple(x.shape)
-        requests = self.local.__dict__.setdefault("requests", {})
-        if shape not in requests:
-            requests[shape] = self._compiled_for(shape).create_infer_request()
-        request = requests[shape]
-        request.infer({0: x})
-        # Copies: the request's output buffers are overwritten by its next inference.
-        return split_heads([np.array(request.get_output_tensor(i).data, copy=True)
-                            for i in range(len(request.model_outputs))])
+        sizes = chunk_sizes(len(x), self.streams)
+        mode = "latency" if len(sizes) == 1 else "streams"
+        bounds = np.cumsum([0, *sizes])
+        started = []
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            request = self._request(mode, (int(b - a), *x.shape[1:]), i)
+            request.start_async({0: x[a:b]})
+            started.append(request)
+        for request in started:
+            if not request.wait_for(int(STREAM_TIMEOUT_S * 1000)):
+                raise TimeoutError(f"OpenVINO inference took over {STREAM_TIMEOUT_S:g} s")
+        # Copies: a request's output buffers are overwritten by its next inference.
+        return split_heads(concat_heads([[np.array(r.get_output_tensor(i).data, copy=True)
+                                          for i in range(len(r.model_outputs))] for r in started]))
 
 
-def build_onnx_runner(mode: str, path: str | Path, threads: int):
+def build_onnx_runner(mode: str, path: str | Path, threads: int, streams: int | None = None):
     if mode == "onnxruntime":
-        return OnnxRuntimeRunner(path, threads)
+        return OnnxRuntimeRunner(path, threads, streams)
     if mode == "openvino":
-        return OpenVINORunner(path, threads)
+        return OpenVINORunner(path, threads, streams)
     raise ValueError(f"no ONNX runner {mode!r}")

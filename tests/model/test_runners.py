@@ -8,7 +8,7 @@ import torch
 
 from model import Detector, TestConfig, build_rtmdet
 from model.inference.accelerate import EagerRunner, InductorRunner
-from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, export_network
+from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, chunk_sizes, export_network
 from model.inference.preprocess import Normalizer
 from model.inference.runner_choice import PEAK_TOLERANCE, peak_relative_error, pick_fastest
 from model.nn.rtmdet import fused_for_inference
@@ -50,6 +50,37 @@ def test_onnx_runtime_and_openvino_runners_give_eager_outputs_at_any_batch(net, 
             got = runner(x)
             assert 0 < peak_relative_error(got, want) <= PEAK_TOLERANCE, runner.name
             assert all(g.dtype == torch.float32 for g in got[0] + got[1])
+
+
+def test_a_batch_is_cut_evenly_over_the_streams():
+    assert chunk_sizes(8, 2) == [4, 4] and chunk_sizes(7, 2) == [4, 3] and chunk_sizes(1, 2) == [1]
+    assert chunk_sizes(2, 4) == [1, 1] and chunk_sizes(9, 4) == [3, 2, 2, 2] and chunk_sizes(5, 1) == [5]
+
+
+@pytest.fixture(scope="module")
+def stream_runners(net):
+    """Two threads: a batch of two or more is cut into two chunks run at once, one core each."""
+    network, strides = net
+    with export_network(network, strides, SIZE) as path:
+        return OnnxRuntimeRunner(path, threads=2), OpenVINORunner(path, threads=2)
+
+
+def test_streams_give_eager_outputs_in_batch_order(net, stream_runners):
+    network, _ = net
+    eager = EagerRunner(network, Normalizer(torch.device("cpu"), channels_last=True))
+    ort, ov = stream_runners
+    assert len(ort.stream_sessions) == 2 and ov.streams == 2
+    for x in batches(1, 2, 5, seed=7):  # 1: one session, all threads; 2 and 5 ([3, 2]): two streams
+        want = eager(x)
+        for runner in stream_runners:
+            got = runner(x)
+            assert [g.shape[0] for g in got[0] + got[1]] == [x.shape[0]] * 6, runner.name
+            assert 0 < peak_relative_error(got, want) <= PEAK_TOLERANCE, (runner.name, x.shape[0])
+            # Each image keeps its own outputs: the last one run alone gives what it gave inside the batch.
+            alone = runner(x[-1:].clone())
+            assert peak_relative_error([[c[-1:] for c in got[0]], [r[-1:] for r in got[1]]], alone) <= 1e-5
+    modes = {mode for mode, _ in ov.compiled}
+    assert modes == {"latency", "streams"}  # batch 1 on the latency model, bigger batches on the streams one
 
 
 def test_openvino_answers_from_a_new_thread(onnx_runners):
