@@ -106,9 +106,9 @@ def runners_for(det: Detector, threads: int, inductor: bool) -> dict[str, object
 
 
 def bench_size(size: str, threads: int, batches: list[int], seconds: float, rounds: int, peer: MMDetPeer | None,
-               inductor: bool) -> list[dict]:
+               inductor: bool, input_size: int = 640) -> list[dict]:
     torch.set_num_threads(threads)
-    cfg = TestConfig.serving()
+    cfg = TestConfig.serving(input_size=input_size)
     model = build_model(size)
     base = Detector(model, device="cpu", test_cfg=cfg, accelerate="eager")
     t0 = time.perf_counter()
@@ -184,7 +184,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--no-mmdet", action="store_true")
     ap.add_argument("--no-inductor", action="store_true", help="skip the inductor compiles (~20-60 s each)")
+    ap.add_argument("--input-size", type=int, default=640, help="letterbox size (the table's figures: 640)")
     args = ap.parse_args()
+    if args.input_size != 640 and not args.no_mmdet:
+        ap.error("the MMDetection peer runs at 640: add --no-mmdet for another --input-size")
     use_mmdet = not args.no_mmdet and MMDET_PY.is_file()
     if not use_mmdet and not args.no_mmdet:
         print(f"MMDetection not found ({MMDET_PY}): its column reads n/a", file=sys.stderr)
@@ -194,7 +197,7 @@ def main() -> int:
         try:
             for size in args.sizes:
                 rows += bench_size(size, threads, args.batches, args.seconds, args.rounds, peer,
-                                   not args.no_inductor)
+                                   not args.no_inductor, args.input_size)
         finally:
             if peer is not None:
                 peer.close()
@@ -203,7 +206,8 @@ def main() -> int:
     import openvino
 
     print(f"\n{machine_line()}; onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__} "
-          "(MMDetection's venv: its own torch); 640x640, seeded weights, BatchNorm folded, channels_last for torch")
+          f"(MMDetection's venv: its own torch); {args.input_size}x{args.input_size}, seeded weights, "
+          "BatchNorm folded, channels_last for torch")
     return 0
 
 
