@@ -21,7 +21,8 @@ For each thread count and model size, on the same seeded weights (BatchNorm fold
   `Detector` for each runner, the peers included (their forward plus our pre/post), and MMDetection's forward
   plus our measured pre/post time.
 Every runner of a row is timed in `--rounds` alternating rounds of equal calls (the peer's calls in turn with
-ours), so all see the same load on a shared machine; the median per call decides. Threads: torch, ONNX
+ours), so all see the same load on a shared machine; the median per call decides. glibc's malloc keeps freed
+blocks (model.inference.allocator.keep_freed_memory), as in `rtmdet serve`. Threads: torch, ONNX
 Runtime's intra-op pool, OpenVINO's INFERENCE_NUM_THREADS and the peer's torch are all set to the same count.
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ from bench_vs_mmdet import MMDET_PY, MMDetPeer  # noqa: E402
 
 from model import Detector, TestConfig, build_rtmdet  # noqa: E402
 from model.inference.accelerate import EagerRunner, InductorRunner  # noqa: E402
+from model.inference.allocator import keep_freed_memory  # noqa: E402
 from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, export_network  # noqa: E402
 from model.inference.runner_choice import nearest_size, peak_relative_error, pick_fastest  # noqa: E402
 from model.testing import fill_deterministic  # noqa: E402
@@ -186,6 +188,7 @@ def main() -> int:
     ap.add_argument("--no-inductor", action="store_true", help="skip the inductor compiles (~20-60 s each)")
     ap.add_argument("--input-size", type=int, default=640, help="letterbox size (the table's figures: 640)")
     args = ap.parse_args()
+    keep_freed_memory()  # as `rtmdet serve` runs (model.inference.allocator); ORT and OpenVINO have arenas
     if args.input_size != 640 and not args.no_mmdet:
         ap.error("the MMDetection peer runs at 640: add --no-mmdet for another --input-size")
     use_mmdet = not args.no_mmdet and MMDET_PY.is_file()

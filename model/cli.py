@@ -32,10 +32,12 @@ def add_detect(sub: argparse._SubParsersAction) -> None:
 
 def run_detect(args: argparse.Namespace) -> int:
     from model.errors import UserError
+    from model.inference.allocator import keep_freed_memory
     from model.inference.detector import Detector, load_image
     from model.render import draw_detections
     from model.zoo import resolve_weights, zoo_size
 
+    keep_freed_memory()  # a command owns its process (model.inference.allocator)
     try:
         weights = resolve_weights(args.weights, kind="detector", size=args.size)
         size = args.size or zoo_size(args.weights) or "tiny"

@@ -78,10 +78,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from service.serve_env import apply_thread_counts, ensure_before_torch
 
     ensure_before_torch()  # may re-exec this process
+    from model.inference.allocator import keep_freed_memory
     from service.server import run
 
     settings = settings_from_args(args)
     print(f"rtmdet serve: {apply_thread_counts(settings.torch_threads, settings.opencv_threads)}", flush=True)
+    keep_freed_memory()  # this process is the service's: activations reuse freed blocks (model.inference.allocator)
     return run(settings)
 
 

@@ -110,12 +110,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from model.checkpoint import CheckpointError, infer_num_classes, load_state_dict_strict, read_checkpoint
     from model.data.coco_eval import format_class_table, format_coco_table, resolve_backend
     from model.data.formats import open_split
+    from model.inference.allocator import keep_freed_memory
     from model.nn.rtmdet import build_rtmdet
     from model.train.evaluate import evaluate_model_full, save_results_json
     from model.train.plots import plot_pr_curves
     from model.zoo import resolve_weights, zoo_size
 
     backend = resolve_backend(args.backend)  # before the slow part: a missing package fails at once
+    keep_freed_memory()  # a command owns its process (model.inference.allocator)
 
     state, meta = read_checkpoint(resolve_weights(args.weights, kind="detector", size=args.size),
                                   args.weights_key or "ema")

@@ -1,0 +1,39 @@
+"""keep_freed_memory: after it, a forward reuses the blocks the last one freed instead of faulting fresh pages
+in (each side in its own process: the setting is process-wide and cannot be undone)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CHILD = """
+import json, resource, sys, torch
+sys.path.insert(0, {root!r})
+from model.inference.allocator import keep_freed_memory
+kept = keep_freed_memory() if {keep} else None
+torch.set_num_threads(1)
+from model.nn.rtmdet import build_rtmdet, fused_for_inference
+net = fused_for_inference(build_rtmdet("tiny")).eval().to(memory_format=torch.channels_last)
+x = torch.rand(2, 3, 640, 640).to(memory_format=torch.channels_last)
+with torch.inference_mode():
+    for _ in range(2):
+        net(x)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(2):
+        net(x)
+print(json.dumps({{"kept": kept, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 2}}))
+"""
+
+
+def faults_per_forward(keep: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT), keep=keep)], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_forward_after_keep_freed_memory_faults_no_fresh_pages():
+    default, kept = faults_per_forward(False), faults_per_forward(True)
+    assert kept["kept"] is True  # this machine's libc is glibc, and it took every setting
+    assert default["faults"] > 1000, default  # glibc's default: the activations come back as fresh pages
+    assert kept["faults"] < default["faults"] / 20, (kept, default)
