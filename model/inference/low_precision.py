@@ -85,9 +85,13 @@ def _image_files(folder: Path, limit: int) -> list[Path]:
     return found[:limit]
 
 
-def cpu_computes_bf16(capabilities: Sequence[str]) -> bool:
-    """Whether OpenVINO's CPU `OPTIMIZATION_CAPABILITIES` include bfloat16 arithmetic."""
-    return "BF16" in capabilities
+def require_bf16(capabilities: Sequence[str]) -> None:
+    """Raise unless OpenVINO's CPU `OPTIMIZATION_CAPABILITIES` include bfloat16 arithmetic (without it the
+    plugin would quietly run float32 under the bf16 name)."""
+    if "BF16" not in capabilities:
+        raise LowPrecisionUnavailable(
+            f"{BF16_MODE}: this CPU does not compute bfloat16 (OpenVINO CPU capabilities: {', '.join(capabilities)}); "
+            "it needs AVX512-BF16 or AMX")
 
 
 def openvino_cpu_capabilities() -> list[str]:
@@ -107,10 +111,8 @@ def check_available(mode: str, calibration: Calibration | None) -> None:
             f"{INT8_MODE} needs calibration images: Detector(calibration=FOLDER), --calibration FOLDER, or "
             "calibration=FOLDER in --model (real images like those it will serve; never random data)")
     capabilities = openvino_cpu_capabilities()
-    if mode == BF16_MODE and not cpu_computes_bf16(capabilities):
-        raise LowPrecisionUnavailable(
-            f"{BF16_MODE}: this CPU does not compute bfloat16 (OpenVINO CPU capabilities: {', '.join(capabilities)}); "
-            "it needs AVX512-BF16 or AMX")
+    if mode == BF16_MODE:
+        require_bf16(capabilities)
     if mode == INT8_MODE:
         try:
             import nncf  # noqa: F401
