@@ -22,6 +22,7 @@ shapes validation set (README, Performance).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from model.errors import UserError
 from model.inference.onnx_runners import OpenVINORunner
 from model.inference.preprocess import letterbox
 
+log = logging.getLogger("rtmdet.runner")
 BF16_MODE = "openvino-bf16"
 INT8_MODE = "openvino-int8"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -141,6 +143,7 @@ class OpenVINOBF16Runner(OpenVINORunner):
         check_available(BF16_MODE, None)
         super().__init__(path, threads)
         self.config["INFERENCE_PRECISION_HINT"] = "bf16"
+        log.info("%s: OpenVINO CPU, bfloat16, %d threads", BF16_MODE, threads)
 
 
 class OpenVINOInt8Runner(OpenVINORunner):
@@ -153,12 +156,15 @@ class OpenVINOInt8Runner(OpenVINORunner):
         import nncf
 
         super().__init__(path, threads)
+        t0 = time.perf_counter()
         batches = calibration.letterboxed(input_size)
         self.calibration_images = len(batches)
         nncf.set_log_level(logging.WARNING)  # not a line per layer it leaves alone
         self.model = nncf.quantize(self.model, nncf.Dataset(batches), subset_size=len(batches),
                                    preset=nncf.QuantizationPreset.MIXED,
                                    ignored_scope=nncf.IgnoredScope(names=output_convolutions(self.model)))
+        log.info("%s: quantised by NNCF on %d calibration images at %d in %.1f s", INT8_MODE, len(batches),
+                 input_size, time.perf_counter() - t0)
 
 
 def build_low_precision_runner(mode: str, path: str | Path, threads: int, input_size: int,
