@@ -21,6 +21,8 @@ OpenVINO ~69. All give the eager outputs within 1e-6 of their peak.
   the smallest captured size that holds it, so the batcher's sizes (1, 2, 4, ..., max) cover every batch.
 - `auto`: on the CPU, measures the candidates on this machine at start-up and keeps the fastest whose outputs
   match eager's (model.inference.runner_choice); on CUDA, `cudagraph`.
+- `openvino-bf16` / `openvino-int8` (model.inference.low_precision): reduced precision, by name only (never an
+  `auto` candidate); int8 needs calibration images.
 """
 from __future__ import annotations
 
