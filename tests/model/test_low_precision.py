@@ -12,7 +12,7 @@ import torch
 from model import Detector, TestConfig
 from model.data.shapes import make_shapes_dataset
 from model.inference.accelerate import EagerRunner, resolve_mode
-from model.inference.detector import load_image
+from model.inference.detector import load_image, load_torch_network
 from model.inference.low_precision import (
     Calibration,
     LowPrecisionUnavailable,
@@ -179,3 +179,22 @@ def test_calibration_of_arrays_letterboxes_at_the_serving_size():
     batches = Calibration.of(images).letterboxed(64)
     assert [b.shape for b in batches] == [(1, 64, 64, 3)] * 2 and all(b.dtype == np.uint8 for b in batches)
     assert batches[0][0, 40:, :, 0].min() == 114  # the padding the Detector uses, below the resized image
+
+
+@pytest.mark.slow  # ~80 s here: the README's measurement itself (300 val images, three runners, one quantisation)
+def test_map_drop_on_the_shapes_validation_set_is_at_most_0_01(tmp_path):
+    from model.data.formats import open_split
+    from model.train.evaluate import evaluate_model_full
+
+    make_shapes_dataset(tmp_path, n_train=300, n_val=300, seed=0, img_size=320)  # the shipped model's val split
+    dataset = open_split(tmp_path, "val", "auto")
+    model, names, _ = load_torch_network(WEIGHTS)
+    assert names == dataset.class_names
+    modes = {"eager": {}, "openvino-int8": {"calibration": tmp_path / "train"}}
+    if HAS_BF16:
+        modes["openvino-bf16"] = {}
+    ap = {mode: evaluate_model_full(model, dataset, 320, "cpu", 8, accelerate=mode, **kw)[0].stats["AP"]
+          for mode, kw in modes.items()}
+    assert ap["eager"] > 0.8, ap  # the shipped model's 0.844
+    for mode in modes:
+        assert ap["eager"] - ap[mode] <= 0.01, ap
