@@ -142,7 +142,8 @@ class OpenVINOBF16Runner(OpenVINORunner):
     def __init__(self, path: str | Path, threads: int) -> None:
         check_available(BF16_MODE, None)
         super().__init__(path, threads)
-        self.config["INFERENCE_PRECISION_HINT"] = "bf16"
+        for config in self.configs.values():  # a batch of one and a batch cut over streams alike
+            config["INFERENCE_PRECISION_HINT"] = "bf16"
         log.info("%s: OpenVINO CPU, bfloat16, %d threads", BF16_MODE, threads)
 
 
