@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from model.cli_support import add_weights_key_argument, device_name, fraction, positive_int
+from model.cli_support import add_accelerate_arguments, add_weights_key_argument, device_name, fraction, positive_int
 from model.config import SIZES
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_tiny_shapes.pth"
@@ -27,6 +27,7 @@ def add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--out", type=Path, help="directory for copies of the images with boxes drawn")
     add_weights_key_argument(p)
+    add_accelerate_arguments(p)
     p.set_defaults(func=run_detect)
 
 
@@ -42,7 +43,8 @@ def run_detect(args: argparse.Namespace) -> int:
         weights = resolve_weights(args.weights, kind="detector", size=args.size)
         size = args.size or zoo_size(args.weights) or "tiny"
         detector = Detector.from_checkpoint(weights, size=size, device=args.device, fp16=args.fp16,
-                                            weights_key=args.weights_key or "ema")
+                                            weights_key=args.weights_key or "ema", accelerate=args.accelerate,
+                                            calibration=args.calibration)
     except ValueError as exc:  # a checkpoint that does not fit, fp16 without CUDA, ...
         raise UserError(str(exc)) from None
     detector.cfg = detector.with_config(score_thr=args.score_thr, input_size=args.img_size or detector.input_size)

@@ -12,6 +12,7 @@ import re
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from model.errors import UserError
 
@@ -106,3 +107,16 @@ def device_name(text: str) -> str:
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
     return text
+
+
+def add_accelerate_arguments(parser: argparse.ArgumentParser) -> None:
+    """--accelerate (how the network runs, model.inference.accelerate) and --calibration (openvino-int8's images)."""
+    from model.inference.accelerate import ALIASES, MODES
+
+    parser.add_argument("--accelerate", choices=(*MODES, *ALIASES), default=None,
+                        help="how the network runs (default: eager on the CPU, cudagraph on CUDA); auto measures "
+                             "the float32 runners and keeps the fastest; openvino-bf16 / openvino-int8 are reduced "
+                             "precision, by name only")
+    parser.add_argument("--calibration", type=Path, default=None, metavar="FOLDER",
+                        help="openvino-int8: a folder of real images to calibrate on (letterboxed as served; the "
+                             "first 300 in name order)")

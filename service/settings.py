@@ -16,7 +16,8 @@ from service.faults import FaultInjection
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_tiny_shapes.pth"
 BACKENDS = ("torch", "onnx", "triton")
-ACCELERATE_FIELD = Field(None, pattern=r"^(auto|eager|inductor|onnxruntime|openvino|torchscript|onednn|cudagraph)$")
+ACCELERATE_FIELD = Field(None, pattern=r"^(auto|eager|inductor|onnxruntime|openvino|torchscript|onednn|cudagraph"
+                                       r"|openvino-bf16|openvino-int8)$")
 
 
 def known_size(v: str) -> str:
@@ -62,6 +63,8 @@ class ModelSpec(BaseModel):
     # fastest. `torchscript` (deprecated, opt-in) keeps ~40-110 MB per traced copy for the life of the process:
     # not for a model that is reloaded often.
     accelerate: str | None = ACCELERATE_FIELD
+    # `openvino-int8`'s calibration images: a folder of real images like those served (model.inference.low_precision).
+    calibration: Path | None = None
     weights_key: Literal["ema", "raw"] = "ema"  # which weights of a training checkpoint (model.checkpoint)
     class_names: list[str] | None = None
     num_classes: int | None = Field(None, ge=1)  # pinned: a file with another class count is refused
@@ -86,6 +89,7 @@ class ServiceSettings(BaseSettings):
     device: str = "auto"
     fp16: bool = False
     accelerate: str | None = ACCELERATE_FIELD  # see ModelSpec.accelerate
+    calibration: Path | None = None  # see ModelSpec.calibration
     # None: the checkpoint's training size (meta `img_size`), else 640.
     input_size: int | None = Field(None, ge=32, le=4096)
     class_names: list[str] | None = None  # override the checkpoint's class names
@@ -185,4 +189,5 @@ class ServiceSettings(BaseSettings):
         """The model served when neither --model nor a repository is given (RTMDET_WEIGHTS, the shipped one)."""
         return ModelSpec(name=self.model_name, weights=self.weights, size=self.size, backend=self.backend,
                          input_size=self.input_size, device=self.device, fp16=self.fp16, accelerate=self.accelerate,
-                         weights_key=self.weights_key, class_names=self.class_names, triton=self.triton_settings())
+                         calibration=self.calibration, weights_key=self.weights_key, class_names=self.class_names,
+                         triton=self.triton_settings())

@@ -21,6 +21,8 @@ OpenVINO ~69. All give the eager outputs within 1e-6 of their peak.
   the smallest captured size that holds it, so the batcher's sizes (1, 2, 4, ..., max) cover every batch.
 - `auto`: on the CPU, measures the candidates on this machine at start-up and keeps the fastest whose outputs
   match eager's (model.inference.runner_choice); on CUDA, `cudagraph`.
+- `openvino-bf16` / `openvino-int8` (model.inference.low_precision): reduced precision, by name only (never an
+  `auto` candidate); int8 needs calibration images.
 """
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ from torch import nn
 
 Outputs = tuple[list[torch.Tensor], list[torch.Tensor]]
 Runner = Callable[[torch.Tensor], Outputs]  # uint8 (B, S, S, 3) -> raw head outputs
-MODES = ("auto", "eager", "inductor", "onnxruntime", "openvino", "torchscript", "cudagraph")
-CPU_MODES = ("eager", "inductor", "onnxruntime", "openvino", "torchscript")
+# Reduced precision (model.inference.low_precision): by name only, never a candidate of `auto`.
+LOW_PRECISION_MODES = ("openvino-bf16", "openvino-int8")
+MODES = ("auto", "eager", "inductor", "onnxruntime", "openvino", "torchscript", "cudagraph", *LOW_PRECISION_MODES)
+CPU_MODES = ("eager", "inductor", "onnxruntime", "openvino", "torchscript", *LOW_PRECISION_MODES)
 ALIASES = {"onednn": "torchscript"}
 
 
@@ -183,9 +187,11 @@ class CudaGraphRunner:
 
 
 def build_runner(mode: str, net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
-                 example_uint8: torch.Tensor, strides: Sequence[int], threads: int | None = None) -> Runner:
+                 example_uint8: torch.Tensor, strides: Sequence[int], threads: int | None = None,
+                 calibration=None) -> Runner:
     """The runner for a resolved, non-`auto` mode. `example_uint8` is a batch of the serving shape (traced by
-    TorchScript, exported for the ONNX runtimes); `threads` for the ONNX runtimes (default: torch's)."""
+    TorchScript, exported for the ONNX runtimes); `threads` for the ONNX runtimes (default: torch's);
+    `calibration` (model.inference.low_precision.Calibration) for `openvino-int8`."""
     if mode == "eager":
         return EagerRunner(net, normalize)
     if mode == "inductor":
@@ -199,4 +205,11 @@ def build_runner(mode: str, net: nn.Module, normalize: Callable[[torch.Tensor], 
 
         with export_network(net, strides, int(example_uint8.shape[1])) as path:
             return build_onnx_runner(mode, path, threads or torch.get_num_threads())
+    if mode in LOW_PRECISION_MODES:
+        from model.inference.low_precision import build_low_precision_runner
+        from model.inference.onnx_runners import export_network
+
+        with export_network(net, strides, int(example_uint8.shape[1])) as path:
+            return build_low_precision_runner(mode, path, threads or torch.get_num_threads(),
+                                              int(example_uint8.shape[1]), calibration)
     raise ValueError(f"no runner for mode {mode!r}")

@@ -10,7 +10,8 @@ from dataclasses import replace
 
 import torch
 
-from model.inference.accelerate import build_runner, resolve_mode
+from model.inference.accelerate import LOW_PRECISION_MODES, build_runner, resolve_mode
+from model.inference.low_precision import Calibration, check_available
 from model.inference.preprocess import Normalizer
 from model.inference.runner import HeadOutputs, NetworkInfo, blank_batch
 from model.inference.runner_choice import CANDIDATES as AUTO_CANDIDATES
@@ -24,13 +25,16 @@ class TorchRunner:
     def __init__(self, model: RTMDet, class_names: Sequence[str], device: torch.device, fp16: bool = False,
                  fuse: bool = True, channels_last: bool | None = None, accelerate: str | None = None,
                  weights_sha256: str | None = None, input_size: int | None = None,
-                 auto_candidates: Sequence[str] = AUTO_CANDIDATES) -> None:
+                 auto_candidates: Sequence[str] = AUTO_CANDIDATES, calibration=None) -> None:
         self.device = device
         self.fp16 = bool(fp16 and device.type == "cuda")
         self.dtype = torch.float16 if self.fp16 else torch.float32
         # channels_last helps oneDNN's CPU convolutions too (RTMDet-tiny, 1 thread: 202 ms vs 230 ms NCHW).
         self.channels_last = True if channels_last is None else channels_last
         self.accelerate = resolve_mode(accelerate, device)
+        self.calibration = Calibration.of(calibration)  # for openvino-int8 (model.inference.low_precision)
+        if self.accelerate in LOW_PRECISION_MODES:
+            check_available(self.accelerate, self.calibration)  # at start-up, not on the first batch
         if self.accelerate == "cudagraph":
             torch.backends.cudnn.benchmark = True  # shapes are fixed per captured bucket: let cuDNN time kernels
         net = fused_for_inference(model) if fuse else model.eval()
@@ -57,7 +61,8 @@ class TorchRunner:
                                                      candidates=self.auto_candidates)
             self._set_mode(self.auto_choice.chosen)
             return engine
-        return build_runner(self.accelerate, self.network, self.normalize, example_uint8, self.info.strides)
+        return build_runner(self.accelerate, self.network, self.normalize, example_uint8, self.info.strides,
+                            calibration=self.calibration)
 
     def _set_mode(self, mode: str) -> None:
         self.accelerate = mode

@@ -6,6 +6,7 @@ import json
 import sys
 
 from model.cli_support import (
+    add_accelerate_arguments,
     add_weights_key_argument,
     device_name,
     non_negative_int,
@@ -103,6 +104,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (it is shown only when stderr is a terminal)")
     add_weights_key_argument(p)
+    add_accelerate_arguments(p)
     p.set_defaults(func=run_eval)
 
 
@@ -131,7 +133,8 @@ def run_eval(args: argparse.Namespace) -> int:
     load_state_dict_strict(model, state, source=args.weights)
     result, detections = evaluate_model_full(model, dataset, args.img_size,
                                              None if args.device == "auto" else args.device, args.batch_size,
-                                             backend=backend, progress=False if args.no_progress else None)
+                                             backend=backend, progress=False if args.no_progress else None,
+                                             accelerate=args.accelerate, calibration=args.calibration)
     if args.save_json:
         save_results_json(args.save_json, detections, dataset.label_to_cat_id)
     if args.plot_pr:

@@ -21,7 +21,8 @@ def build(spec: ModelSpec) -> TorchRunner:
         if names is not None and len(names) != network.num_classes:
             raise ValueError(f"{len(names)} class names for a model with {network.num_classes} classes")
         return TorchRunner(network, names or list(COCO_CLASSES), resolve_device(spec.device), fp16=spec.fp16,
-                           accelerate=spec.accelerate, weights_sha256=file_sha256(weights),
+                           accelerate=spec.accelerate, calibration=spec.calibration,
+                           weights_sha256=file_sha256(weights),
                            input_size=int(meta.get("img_size", 640)))
     except (CheckpointError, ValueError, OSError) as exc:
         raise BackendUnavailable(str(exc)) from None
