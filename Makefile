@@ -49,6 +49,8 @@ detect: install
 # training steps beside MMDetection's.
 bench: install
 	$(PY) bench/bench_runners.py
+	$(PY) bench/bench_low_precision.py --size tiny --img-size 640 --batches 1 8 --threads 1
+	$(PY) bench/bench_allocator.py
 	$(PY) bench/bench_vs_mmdet.py --no-infer
 
 # Every CUDA path checked against its CPU/eager twin, timed, served; exits 2 without CUDA.

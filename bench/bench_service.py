@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from model import Detector, TestConfig, build_rtmdet, save_checkpoint  # noqa: E402
 from model.checkpoint import make_meta  # noqa: E402
+from model.inference.allocator import keep_freed_memory  # noqa: E402
 from service.settings import DEFAULT_WEIGHTS  # noqa: E402
 
 
@@ -188,6 +189,7 @@ def main() -> int:
                          "On a CPU shared with other jobs, 1 avoids OpenMP barrier stalls that swamp the numbers")
     ap.add_argument("--image", type=Path, default=REPO / "examples" / "astronaut.jpg")
     args = ap.parse_args()
+    keep_freed_memory()  # the bare Detector runs as `rtmdet serve` does (model.inference.allocator)
 
     if args.threads:
         import torch
