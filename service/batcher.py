@@ -22,9 +22,9 @@ would finish (the running batch's rest, the queue ahead in full batches, its own
 once with `CannotMeetDeadline` (503 / RESOURCE_EXHAUSTED, Retry-After from the prediction) if that is past
 its due time, instead of letting it time out later. The worker waits for more requests only while that
 still lets the oldest request finish in time (and never longer than `max_queue_delay`, never with nothing
-on the way: a lone request never waits), then takes as many as lets the most held requests finish by their
-due time, the rest following in full batches (usually a full batch; fewer when that saves the oldest and
-costs nobody behind it).
+on the way: a lone request never waits), then takes a full batch (all it holds) while more than a batch is
+admitted; with less, the count that lets the most finish by their due time (fewer only when that saves the
+oldest and costs nobody behind it).
 """
 from __future__ import annotations
 
@@ -353,21 +353,26 @@ class DynamicBatcher:
         return kept
 
     def _batch_in_time(self, now: float) -> int:
-        """How many to take from the head of `_held`: the count that lets the most held requests finish when due,
-        if the rest then follow in full batches (the larger count on a tie). Taking fewer spares the oldest
-        request the time of a bigger batch, but costs throughput that every request behind it pays for."""
+        """How many to take from the head of `_held`. With more admitted than one batch holds (held, queued or
+        still being decoded), all it can: a smaller batch would spare the oldest request a little time but cost
+        throughput that everyone queued behind pays for, and admission counted on full batches (the oldest, if
+        it would now end past its SLO, is shed instead: `_shed_late`). With no more than one batch's worth, the
+        count that lets the most of them finish when due, the rest following in one more batch (the larger
+        count on a tie): fewer only when that saves the oldest and costs nobody behind it."""
         held, most = self._held, min(len(self._held), self.max_batch_size)
         if self.times.predict(1) is None:
             return most  # nothing learned yet: batch as the fixed-delay batcher does
+        with self._lock:
+            backlog = self._admitted  # held ones included: a ticket is released when its request is taken
+        if backlog > self.max_batch_size:
+            return most
         dues = [job.ticket.due for job in held]
         best, fewest = most, None
         for k in range(most, 0, -1):
-            t, late, start = now, 0, 0
-            for n in (k, *([self.max_batch_size] * -(-(len(dues) - k) // self.max_batch_size))):
-                group = dues[start:start + n]
-                t += self.times.predict(len(group))
-                late += sum(1 for d in group if d is not None and d < t)
-                start += n
+            first_end = now + self.times.predict(k)
+            rest_end = first_end + self.times.predict(len(dues) - k)
+            late = (sum(1 for d in dues[:k] if d is not None and d < first_end)
+                    + sum(1 for d in dues[k:] if d is not None and d < rest_end))
             if fewest is None or late < fewest:
                 best, fewest = k, late
         return best
