@@ -18,7 +18,8 @@ Batching to a latency SLO (`latency_slo_s`, RTMDET_LATENCY_SLO_MS; off by defaul
 time is learned per batch size (`service.batch_times.BatchTimeModel`, seeded at start by timing each
 warm-up size). Each request is *due* at its admission time plus the SLO (less `SLO_HEADROOM` for the
 answer's own way out), or at its own deadline if that comes first. Admission predicts when a new request
-would finish (the running batch's rest, the queue ahead in full batches, its own decode) and refuses it at
+would finish (the running batch's rest, the queue ahead in full batches, its own decode; batch times at the
+high quantile of their learned error, not the mean) and refuses it at
 once with `CannotMeetDeadline` (503 / RESOURCE_EXHAUSTED, Retry-After from the prediction) if that is past
 its due time, instead of letting it time out later. The worker waits for more requests only while that
 still lets the oldest request finish in time (and never longer than `max_queue_delay`, never with nothing
@@ -220,11 +221,12 @@ class DynamicBatcher:
             return self._predicted_latency_s(time.monotonic() if now is None else now)
 
     def _predicted_latency_s(self, now: float) -> float | None:
-        # Everything admitted and not yet in a batch is ahead of it; they run in full batches.
-        queue_s = self.times.time_for(self._admitted + 1, self.max_batch_size)
+        # Everything admitted and not yet in a batch is ahead of it; they run in full batches. A promise, so the
+        # high quantile of the batch times (the learned error's margin on their means), not the mean.
+        queue_s = self.times.time_for(self._admitted + 1, self.max_batch_size, high=True)
         if queue_s is None:
             return None
-        return max(self._busy_until - now, 0.0) + queue_s + self.decode_s
+        return max(self._busy_until - now, 0.0) * self.times.margin() + queue_s + self.decode_s
 
     def _check_due(self, now: float, deadline: float | None) -> float:
         """The request's due time; raises CannotMeetDeadline if the prediction says it will miss it."""
