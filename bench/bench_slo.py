@@ -3,22 +3,22 @@
     .venv/bin/python bench/bench_slo.py [--slo-ms 1000] [--duration 20] [--rounds 3] [--input-size 320] [--batch 8]
 
 What runs: the service's own request path in-process (`DetectionService.detect_encoded`: JPEG decode and
-letterbox on the decode pool, the model's batcher, the real RTMDet-tiny torch runner, NMS), without HTTP:
-on a 2-core machine shared with other jobs the HTTP server and its client would take cores from the model
-and measure the neighbours more than the batcher. Capacity is measured first (closed loop, 2 x batch
-clients on the fixed-delay batcher, images/s); then every batcher is warmed (a few seconds of arrivals at
-90 %, not counted: a serving batcher has run before the request that is measured) and gets Poisson arrivals
-at 50 %, 90 % and 150 % of it, `--duration` seconds per cell in `--rounds` slices: at each rate, round r runs
-the batchers in turn starting from the r-th (the same arrival times for each), so that no batcher always
-goes first and a change in the neighbours' load, which on a shared machine moves p50 by 2x within a minute,
-falls on all of them alike. Each slice starts with an empty queue and ends when its last answer is in. Every request
-carries the HTTP default deadline (RTMDET_REQUEST_TIMEOUT_S, 30 s). Printed per cell: p50/p99 of answered
-requests (ms), goodput (answers within the SLO per second of arrivals), refusals (503s: queue full or,
-for the SLO batcher, refused at admission or shed), other errors, the mean batch size and how busy the model
-was (its steps' time over the slices' wall time, drains included: under overload a batcher that kept the model
-busy and still fell short of the capacity's goodput met a slower machine than the capacity run did).
-Goals: p99 of answered <= SLO at every rate, goodput at 150 % >= 0.9 x capacity, p50 at 50 % no worse than
-the fixed batcher's.
+letterbox on the decode pool, the model's batcher, the real RTMDet-tiny torch runner, NMS), without HTTP: on a
+2-core machine shared with other jobs the HTTP server and its client would take cores from the model and
+measure the neighbours more than the batcher. Capacity is measured first (closed loop, 2 x batch clients on
+the fixed-delay batcher, images/s, the better of two 6 s windows); then every batcher is warmed (a few seconds
+of arrivals at 90 %, not counted: a serving batcher has run before the request that is measured) and gets
+Poisson arrivals at 50 %, 90 % and 150 % of it, `--duration` seconds per cell in `--rounds` slices: at each
+rate, round r runs the batchers in turn starting from the r-th (the same arrival times for each), so that no
+batcher always goes first and a change in the neighbours' load, which on a shared machine moves p50 by 2x
+within a minute, falls on all of them alike. Each slice starts with an empty queue and ends when its last
+answer is in. Every request carries the HTTP default deadline (RTMDET_REQUEST_TIMEOUT_S, 30 s). Printed per
+cell: p50/p99 of answered requests (ms), goodput (answers within the SLO per second of arrivals), refusals
+(503s: queue full or, for the SLO batcher, refused at admission or shed), other errors, the mean batch size
+and how busy the model was (its steps' time over the slices' wall time, drains included: under overload a
+batcher that kept the model busy and still fell short of the capacity's goodput met a slower machine than the
+capacity run did). Goals: p99 of answered <= SLO at every rate, goodput at 150 % >= 0.9 x capacity, p50 at 50
+% no worse than the fixed batcher's.
 """
 from __future__ import annotations
 
@@ -154,7 +154,9 @@ def main() -> int:
     service = make_service(weights, args, None, args.fixed_delays_ms[0])
     try:
         asyncio.run(closed_loop(service, data, 2 * args.batch, 3.0))  # warm the whole path
-        capacity = asyncio.run(closed_loop(service, data, 2 * args.batch, 10.0))
+        # The better of two windows: neighbours' jobs only ever slow it, and one window under a burst of theirs
+        # under-measured it by 2x (the "150 %" cells were then not overload at all).
+        capacity = max(asyncio.run(closed_loop(service, data, 2 * args.batch, 6.0)) for _ in range(2))
     finally:
         service.shutdown()
     print(f"capacity (closed loop, {2 * args.batch} clients, fixed delay {args.fixed_delays_ms[0]:g} ms): "
