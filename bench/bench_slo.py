@@ -6,19 +6,19 @@ What runs: the service's own request path in-process (`DetectionService.detect_e
 letterbox on the decode pool, the model's batcher, the real RTMDet-tiny torch runner, NMS), without HTTP: on a
 2-core machine shared with other jobs the HTTP server and its client would take cores from the model and
 measure the neighbours more than the batcher. Capacity is measured first (closed loop, 2 x batch clients on
-the fixed-delay batcher, images/s, the better of two 6 s windows); then every batcher is warmed (a few seconds
-of arrivals at 90 %, not counted: a serving batcher has run before the request that is measured) and gets
-Poisson arrivals at 50 %, 90 % and 150 % of it, `--duration` seconds per cell in `--rounds` slices: at each
-rate, round r runs the batchers in turn starting from the r-th (the same arrival times for each), so that no
-batcher always goes first and a change in the neighbours' load, which on a shared machine moves p50 by 2x
-within a minute, falls on all of them alike. Each slice starts with an empty queue and ends when its last
-answer is in. Every request carries the HTTP default deadline (RTMDET_REQUEST_TIMEOUT_S, 30 s). Printed per
-cell: p50/p99 of answered requests (ms), goodput (answers within the SLO per second of arrivals), refusals
-(503s: queue full or, for the SLO batcher, refused at admission or shed), other errors, the mean batch size
-and how busy the model was (its steps' time over the slices' wall time, drains included: under overload a
-batcher that kept the model busy and still fell short of the capacity's goodput met a slower machine than the
-capacity run did). Goals: p99 of answered <= SLO at every rate, goodput at 150 % >= 0.9 x capacity, p50 at 50
-% no worse than the fixed batcher's.
+the fixed-delay batcher, images/s, the better of two 6 s windows, again before each rate); then every batcher
+is warmed (a few seconds of arrivals at 90 %, not counted: a serving batcher has run before the request that
+is measured) and gets Poisson arrivals at 50 %, 90 % and 150 % of it, `--duration` seconds per cell in
+`--rounds` slices: at each rate, round r runs the batchers in turn starting from the r-th (the same arrival
+times for each), so that no batcher always goes first and a change in the neighbours' load, which on a shared
+machine moves p50 by 2x within a minute, falls on all of them alike. Each slice starts with an empty queue and
+ends when its last answer is in. Every request carries the HTTP default deadline (RTMDET_REQUEST_TIMEOUT_S, 30
+s). Printed per cell: p50/p99 of answered requests (ms), goodput (answers within the SLO per second of
+arrivals), refusals (503s: queue full or, for the SLO batcher, refused at admission or shed), other errors,
+the mean batch size and how busy the model was (its steps' time over the slices' wall time, drains included:
+under overload a batcher that kept the model busy and still fell short of the capacity's goodput met a slower
+machine than the capacity run did). Goals: p99 of answered <= SLO at every rate, goodput at 150 % >= 0.9 x
+capacity, p50 at 50 % no worse than the fixed batcher's.
 """
 from __future__ import annotations
 
@@ -111,14 +111,16 @@ async def open_loop(service: DetectionService, data: bytes, rate: float, duratio
     return out
 
 
-def row(name: str, pct: int, rate: float, out: dict, slo_s: float, duration: float) -> str:
+def row(name: str, pct: int, capacity: float, out: dict, slo_s: float, duration: float) -> str:
+    rate = capacity * pct / 100.0
     lat = np.array(out["lat"]) * 1000.0
     p50, p99 = (np.percentile(lat, [50, 99]) if lat.size else (float("nan"),) * 2)
     good = float((lat <= slo_s * 1000.0).sum()) / duration
     err = f" ({out['last_error']})" if out["errors"] else ""
     batch = f"{np.mean(out['batch']):.1f}" if out["batch"] else "-"
     busy = f"{100.0 * out['busy'] / out['wall']:.0f} %" if out["wall"] else "-"
-    return (f"| {name} | {pct} % ({rate:.1f}/s) | {out['sent']} | {lat.size} | {p50:.0f} | {p99:.0f} | {good:.2f} | "
+    return (f"| {name} | {pct} % of {capacity:.1f} ({rate:.1f}/s) | {out['sent']} | {lat.size} | {p50:.0f} | "
+            f"{p99:.0f} | {good:.2f} | "
             f"{out['refused']} | {out['errors']}{err} | {batch} | {busy} |")
 
 
@@ -151,22 +153,21 @@ def main() -> int:
 
     configs = [(f"SLO {args.slo_ms:g} ms (delay cap 2 ms)", args.slo_ms, 2.0)]
     configs += [(f"fixed delay {d:g} ms", None, d) for d in args.fixed_delays_ms]
-    service = make_service(weights, args, None, args.fixed_delays_ms[0])
-    try:
-        asyncio.run(closed_loop(service, data, 2 * args.batch, 3.0))  # warm the whole path
-        # The better of two windows: neighbours' jobs only ever slow it, and one window under a burst of theirs
-        # under-measured it by 2x (the "150 %" cells were then not overload at all).
-        capacity = max(asyncio.run(closed_loop(service, data, 2 * args.batch, 6.0)) for _ in range(2))
-    finally:
-        service.shutdown()
-    print(f"capacity (closed loop, {2 * args.batch} clients, fixed delay {args.fixed_delays_ms[0]:g} ms): "
-          f"{capacity:.2f} img/s")
+    # Capacity: the better of two closed-loop windows (neighbours' jobs only ever slow it), measured again before
+    # each rate, since the neighbours move it by 2x within minutes (42.9 img/s once, and the "150 %" cells that
+    # followed were answered at 65.8/s: not overload at all).
+    probe = make_service(weights, args, None, args.fixed_delays_ms[0])
+    asyncio.run(closed_loop(probe, data, 2 * args.batch, 3.0))  # warm the whole path
+
+    def capacity_now() -> float:
+        return max(asyncio.run(closed_loop(probe, data, 2 * args.batch, 6.0)) for _ in range(2))
 
     # Every batcher loaded at once and the cells interleaved in rotated rounds (see the module docstring).
     services = [(name, make_service(weights, args, slo_ms, delay_ms)) for name, slo_ms, delay_ms in configs]
     lines: dict[str, list[str]] = {name: [] for name, _ in services}
     slice_s = args.duration / args.rounds
     try:
+        capacity = capacity_now()
         for _, service in services:
             asyncio.run(open_loop(service, data, capacity * 0.9, args.warmup, seed=-1))
         batcher = services[0][1].registry.slot(None).current.batcher
@@ -175,6 +176,9 @@ def main() -> int:
               + ", ".join(f"{n}: {t * 1000:.0f} ms" for n, t in sorted(learned.items()))
               + f"; margin {batcher.times.margin():.2f}")
         for i, pct in enumerate(args.rates):
+            capacity = capacity_now()
+            print(f"capacity (closed loop, {2 * args.batch} clients, fixed delay {args.fixed_delays_ms[0]:g} ms): "
+                  f"{capacity:.2f} img/s", flush=True)
             rate = capacity * pct / 100.0
             totals = {name: new_counts() for name, _ in services}
             for r in range(args.rounds):
@@ -185,16 +189,17 @@ def main() -> int:
                     totals[name]["busy"] += step_s._sum.get() - busy0
                     totals[name]["wall"] += time.monotonic() - t0
             for name, _ in services:
-                lines[name].append(row(name, pct, rate, totals[name], slo_s, args.duration))
+                lines[name].append(row(name, pct, capacity, totals[name], slo_s, args.duration))
                 print(lines[name][-1], flush=True)
             print(f"  (load average {os.getloadavg()[0]:.2f}; SLO batcher's margin {batcher.times.margin():.2f})",
                   flush=True)
     finally:
-        for _, service in services:
+        for _, service in services + [("capacity", probe)]:
             service.shutdown()
 
     print()
-    print(f"capacity {capacity:.2f} img/s; SLO {args.slo_ms:g} ms; goodput = answers within the SLO per second")
+    print(f"SLO {args.slo_ms:g} ms; load = % of the capacity measured just before (img/s); goodput = answers "
+          "within the SLO per second")
     print("| batcher | load | sent | answered | p50 ms | p99 ms | goodput/s | refused (503) | errors | mean batch "
           "| model busy |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
