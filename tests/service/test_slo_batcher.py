@@ -111,6 +111,17 @@ def refused(batcher: DynamicBatcher, reason: str) -> float:
     return batcher.metrics_root.refused.labels(reason=reason, model="m")._value.get()
 
 
+def poisson(batcher: DynamicBatcher, count: int, rate: float, rng: random.Random) -> list:
+    """`count` requests arriving at `rate` per second (Poisson, open loop); each one's result or exception."""
+    async def run():
+        tasks = []
+        for _ in range(count):
+            tasks.append(asyncio.ensure_future(detect(batcher)))
+            await asyncio.sleep(rng.expovariate(rate))
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    return asyncio.run(run())
+
+
 def test_batch_time_model_fits_a_line_for_sizes_not_seen_and_follows_each_size():
     m = BatchTimeModel(alpha=0.5)
     assert m.predict(1) is None and m.time_for(3, 4) is None
@@ -236,16 +247,8 @@ def test_answered_requests_meet_the_slo_under_overload(make_batcher):
     # for the sleep and thread wake-up noise of a loaded 2-core machine, which the batcher cannot predict).
     slo = 0.6
     batcher, _ = make_batcher(0.04, 0.005, max_batch_size=4, latency_slo_s=slo, max_queue_size=256)
-    rng = random.Random(1)
-
-    async def run():
-        tasks = []
-        for _ in range(150):
-            tasks.append(asyncio.ensure_future(detect(batcher)))
-            await asyncio.sleep(rng.expovariate(150.0))
-        return await asyncio.gather(*tasks, return_exceptions=True)
     t0 = time.monotonic()
-    results = asyncio.run(run())
+    results = poisson(batcher, 150, 150.0, random.Random(1))
     elapsed = time.monotonic() - t0
     answered = [r[0] for r in results if not isinstance(r, Exception)]
     others = [r for r in results if isinstance(r, Exception) and not isinstance(r, CannotMeetDeadline)]
@@ -323,16 +326,8 @@ def test_under_overload_batches_stay_full_while_a_queue_waits_behind(make_batche
         steps.append((batch.shape[0], batcher._admitted))
         return forward(batch)
     runner.forward = watched
-    rng = random.Random(2)
-
-    async def run():
-        tasks = []
-        for _ in range(180):
-            tasks.append(asyncio.ensure_future(detect(batcher)))
-            await asyncio.sleep(rng.expovariate(90.0))
-        return await asyncio.gather(*tasks, return_exceptions=True)
     t0 = time.monotonic()
-    results = asyncio.run(run())
+    results = poisson(batcher, 180, 90.0, random.Random(2))
     elapsed = time.monotonic() - t0
     answered = [r for r in results if not isinstance(r, Exception)]
     short = [(n, behind) for n, behind in steps if n < 4 and behind >= 4]
@@ -348,15 +343,8 @@ def test_answered_requests_meet_the_slo_when_batch_times_vary(make_batcher):
     batcher, runner = make_batcher(0.03, 0.02, max_batch_size=4, latency_slo_s=slo, max_queue_size=256)
     runner.slow_every, runner.slow_factor = 4, 2.8
     rng = random.Random(3)
-
-    async def run(n):
-        tasks = []
-        for _ in range(n):
-            tasks.append(asyncio.ensure_future(detect(batcher)))
-            await asyncio.sleep(rng.expovariate(90.0))
-        return await asyncio.gather(*tasks, return_exceptions=True)
-    asyncio.run(run(60))  # learn the spread
-    results = asyncio.run(run(240))
+    poisson(batcher, 60, 90.0, rng)  # learn the spread
+    results = poisson(batcher, 240, 90.0, rng)
     answered = sorted(r[0] for r in results if not isinstance(r, Exception))
     assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, CannotMeetDeadline)]
     assert len(answered) >= 60 and answered[-1] <= slo, (len(answered), answered[-5:])
