@@ -18,13 +18,14 @@ Batching to a latency SLO (`latency_slo_s`, RTMDET_LATENCY_SLO_MS; off by defaul
 time is learned per batch size (`service.batch_times.BatchTimeModel`, seeded at start by timing each
 warm-up size). Each request is *due* at its admission time plus the SLO (less `SLO_HEADROOM` for the
 answer's own way out), or at its own deadline if that comes first. Admission predicts when a new request
-would finish (the running batch's rest, the queue ahead in full batches, its own decode) and refuses it at
+would finish (the running batch's rest, the queue ahead in full batches, its own decode; batch times at the
+high quantile of their learned error, not the mean) and refuses it at
 once with `CannotMeetDeadline` (503 / RESOURCE_EXHAUSTED, Retry-After from the prediction) if that is past
 its due time, instead of letting it time out later. The worker waits for more requests only while that
 still lets the oldest request finish in time (and never longer than `max_queue_delay`, never with nothing
-on the way: a lone request never waits), then takes as many as lets the most held requests finish by their
-due time, the rest following in full batches (usually a full batch; fewer when that saves the oldest and
-costs nobody behind it).
+on the way: a lone request never waits), then takes a full batch (all it holds) while more than a batch is
+admitted; with less, the count that lets the most finish by their due time (fewer only when that saves the
+oldest and costs nobody behind it).
 """
 from __future__ import annotations
 
@@ -220,11 +221,12 @@ class DynamicBatcher:
             return self._predicted_latency_s(time.monotonic() if now is None else now)
 
     def _predicted_latency_s(self, now: float) -> float | None:
-        # Everything admitted and not yet in a batch is ahead of it; they run in full batches.
-        queue_s = self.times.time_for(self._admitted + 1, self.max_batch_size)
+        # Everything admitted and not yet in a batch is ahead of it; they run in full batches. A promise, so the
+        # high quantile of the batch times (the learned error's margin on their means), not the mean.
+        queue_s = self.times.time_for(self._admitted + 1, self.max_batch_size, high=True)
         if queue_s is None:
             return None
-        return max(self._busy_until - now, 0.0) + queue_s + self.decode_s
+        return max(self._busy_until - now, 0.0) * self.times.margin() + queue_s + self.decode_s
 
     def _check_due(self, now: float, deadline: float | None) -> float:
         """The request's due time; raises CannotMeetDeadline if the prediction says it will miss it."""
@@ -353,21 +355,26 @@ class DynamicBatcher:
         return kept
 
     def _batch_in_time(self, now: float) -> int:
-        """How many to take from the head of `_held`: the count that lets the most held requests finish when due,
-        if the rest then follow in full batches (the larger count on a tie). Taking fewer spares the oldest
-        request the time of a bigger batch, but costs throughput that every request behind it pays for."""
+        """How many to take from the head of `_held`. With more admitted than one batch holds (held, queued or
+        still being decoded), all it can: a smaller batch would spare the oldest request a little time but cost
+        throughput that everyone queued behind pays for, and admission counted on full batches (the oldest, if
+        it would now end past its SLO, is shed instead: `_shed_late`). With no more than one batch's worth, the
+        count that lets the most of them finish when due, the rest following in one more batch (the larger
+        count on a tie): fewer only when that saves the oldest and costs nobody behind it."""
         held, most = self._held, min(len(self._held), self.max_batch_size)
         if self.times.predict(1) is None:
             return most  # nothing learned yet: batch as the fixed-delay batcher does
+        with self._lock:
+            backlog = self._admitted  # held ones included: a ticket is released when its request is taken
+        if backlog > self.max_batch_size:
+            return most
         dues = [job.ticket.due for job in held]
         best, fewest = most, None
         for k in range(most, 0, -1):
-            t, late, start = now, 0, 0
-            for n in (k, *([self.max_batch_size] * -(-(len(dues) - k) // self.max_batch_size))):
-                group = dues[start:start + n]
-                t += self.times.predict(len(group))
-                late += sum(1 for d in group if d is not None and d < t)
-                start += n
+            first_end = now + self.times.predict(k)
+            rest_end = first_end + self.times.predict(len(dues) - k)
+            late = (sum(1 for d in dues[:k] if d is not None and d < first_end)
+                    + sum(1 for d in dues[k:] if d is not None and d < rest_end))
             if fewest is None or late < fewest:
                 best, fewest = k, late
         return best
