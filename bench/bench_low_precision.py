@@ -30,6 +30,7 @@ from bench_runners import build_model, interleaved  # noqa: E402
 
 from model import Detector, TestConfig  # noqa: E402
 from model.inference.accelerate import EagerRunner  # noqa: E402
+from model.inference.allocator import keep_freed_memory  # noqa: E402
 from model.inference.low_precision import Calibration, build_low_precision_runner  # noqa: E402
 from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, export_network  # noqa: E402
 from model.inference.runner_choice import peak_relative_error  # noqa: E402
@@ -59,6 +60,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=2.0, help="per runner per row, over all rounds")
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
+    keep_freed_memory()  # eager as `rtmdet serve` runs it (model.inference.allocator)
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
