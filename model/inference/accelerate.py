@@ -5,22 +5,26 @@ the raw head outputs (per level, logits (B, C, H, W) and ltrb distances (B, 4, H
 Detector's dtype), so the Detector's pre- and post-processing are shared by every runner. Normalisation is
 the runner's: in PyTorch for the torch runners, inside the graph for the ONNX ones.
 
-CPU modes (measured on RTMDet-tiny, 640x640, 1 thread, this 2-core shared machine; ms per image at batch 1,
-one run, noisy): eager channels_last ~88, TorchScript+oneDNN ~78, inductor ~72, ONNX Runtime ~70-74,
-OpenVINO ~69. All give the eager outputs within 1e-6 of their peak.
+CPU modes (RTMDet-tiny, 640x640, 1 thread, this 2-core machine quiet, glibc keeping freed memory; ms per
+image at batch 1, `bench/bench_runners.py`, 2026-12-01): eager ~94, inductor ~76, ONNX Runtime ~73, OpenVINO
+~74 (the README's table has every size, batch and thread count). All give the eager outputs within 1e-6 of
+their peak.
 
 - `eager`: the module itself (channels_last, BatchNorm folded). No start-up cost: the default on the CPU.
-- `inductor`: `torch.compile` with freezing (weights folded into the graph as constants) and max-autotune.
+- `inductor`: `torch.compile` with freezing (weights folded into the graph as constants, convolutions packed
+  for oneDNN with their activations fused).
   Compiles on the first call of a shape (~5-20 s for tiny here; a second batch size compiles once more,
   with a symbolic batch axis, and then covers every batch size).
 - `onnxruntime` / `openvino` (model.inference.onnx_runners): the network exported to ONNX once at start-up
-  (~10 s for tiny here) and run by that runtime; opt-in or chosen by `auto`.
+  (~10 s for tiny here) and run by that runtime, a batch cut over one stream per thread; opt-in or chosen by
+  `auto`.
 - `torchscript` (old name `onednn`, opt-in only): trace + freeze with oneDNN Graph fusion. TorchScript is
   deprecated in torch 2.14; kept because it is still faster than eager, though not than inductor.
 - `cudagraph` (CUDA, the default there): one captured CUDA graph per batch size; a batch is padded up to
   the smallest captured size that holds it, so the batcher's sizes (1, 2, 4, ..., max) cover every batch.
-- `auto`: on the CPU, measures the candidates on this machine at start-up and keeps the fastest whose outputs
-  match eager's (model.inference.runner_choice); on CUDA, `cudagraph`.
+- `auto`: on the CPU, measures the candidates on this machine at start-up, at the smallest and the largest
+  warm-up batch, and runs each batch on the fastest (at the nearer size) whose outputs match eager's
+  (model.inference.runner_choice); on CUDA, `cudagraph`.
 - `openvino-bf16` / `openvino-int8` (model.inference.low_precision): reduced precision, by name only (never an
   `auto` candidate); int8 needs calibration images.
 """
