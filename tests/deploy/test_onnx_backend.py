@@ -84,10 +84,8 @@ class MMDeployStyleEndToEnd(nn.Module):
 def test_mmdeploy_end_to_end_file_gives_the_pytorch_detections(net, photos, reference, tmp_path):
     path = tmp_path / "end2end.onnx"
     e2e = MMDeployStyleEndToEnd(fused_for_inference(net), SIZE).eval()
-    # The TorchScript-based exporter on purpose: it is what MMDeploy itself writes such files with, and its
-    # data-dependent NMS is outside what the dynamo exporter takes.
-    torch.onnx.export(e2e, (torch.zeros(1, 3, SIZE, SIZE),), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["dets", "labels"])
+    torch.onnx.export(e2e, (torch.zeros(1, 3, SIZE, SIZE),), str(path), input_names=["input"],
+                      output_names=["dets", "labels"])
     runner = OnnxRunner(path, class_names=CLASS_NAMES)
     assert runner.layout == "mmdeploy" and runner.float_input and runner.fixed_batch == 1
     detector = Detector.from_runner(runner, TestConfig.serving(input_size=640))
@@ -98,7 +96,7 @@ def test_mmdeploy_end_to_end_file_gives_the_pytorch_detections(net, photos, refe
 
 def test_unknown_outputs_are_refused(tmp_path):
     path = tmp_path / "other.onnx"
-    torch.onnx.export(nn.Conv2d(3, 2, 1), (torch.zeros(1, 3, 8, 8),), str(path), input_names=["x"],
+    torch.onnx.export(nn.Conv2d(3, 2, 1).eval(), (torch.zeros(1, 3, 8, 8),), str(path), input_names=["x"],
                       output_names=["y"])
     with pytest.raises(ValueError, match="unrecognised ONNX outputs"):
         OnnxRunner(path)
