@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_service import weights_or_random  # noqa: E402
 
+from model.inference.allocator import keep_freed_memory  # noqa: E402
 from service.errors import CannotMeetDeadline, NotAccepting, QueueFull  # noqa: E402
 from service.pipeline import DetectionService  # noqa: E402
 from service.schemas import DetectQuery  # noqa: E402
@@ -140,6 +141,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--image", type=Path, default=REPO / "examples" / "astronaut.jpg")
     args = ap.parse_args()
+    keep_freed_memory()  # the service's process as `rtmdet serve` sets it up (model.inference.allocator)
 
     import torch
     torch.set_num_threads(args.threads)
