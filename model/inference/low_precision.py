@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.data.instances import IMAGE_SUFFIXES  # what the datasets read as images
 from model.errors import UserError
 from model.inference.onnx_runners import OpenVINORunner
 from model.inference.preprocess import letterbox
@@ -36,7 +37,6 @@ from model.inference.preprocess import letterbox
 log = logging.getLogger("rtmdet.runner")
 BF16_MODE = "openvino-bf16"
 INT8_MODE = "openvino-int8"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CALIBRATION_IMAGES = 300  # NNCF's own default subset size: enough for stable activation ranges
 
 

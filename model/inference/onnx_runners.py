@@ -63,6 +63,20 @@ def chunk_sizes(batch: int, streams: int) -> list[int]:
     return [batch // n + (1 if i < batch % n else 0) for i in range(n)]
 
 
+def chunk_slices(batch: int, streams: int) -> list[slice]:
+    """`chunk_sizes` as the slices of the batch axis they cover."""
+    out, start = [], 0
+    for size in chunk_sizes(batch, streams):
+        out.append(slice(start, start + size))
+        start += size
+    return out
+
+
+def stream_count(threads: int, streams: int | None) -> int:
+    """Streams a runner keeps: one per thread unless fewer are asked for."""
+    return max(1, threads if streams is None else min(streams, threads))
+
+
 def concat_heads(parts: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
     """Each output's chunks joined along the batch axis, in chunk order."""
     return [np.concatenate(arrays, axis=0) if len(arrays) > 1 else arrays[0] for arrays in zip(*parts, strict=True)]
@@ -76,8 +90,7 @@ class OnnxRuntimeRunner:
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, threads: int, streams: int | None = None) -> None:
-        self.threads = threads
-        self.streams = max(1, threads if streams is None else min(streams, threads))
+        self.streams = stream_count(threads, streams)
         self.session = self._session(path, threads)
         self.stream_sessions = [self._session(path, 1) for _ in range(self.streams)] if self.streams > 1 else []
         self.pool = (ThreadPoolExecutor(self.streams, thread_name_prefix="ort-stream") if self.stream_sessions
@@ -100,12 +113,11 @@ class OnnxRuntimeRunner:
 
     def __call__(self, batch_uint8: torch.Tensor) -> Outputs:
         x = batch_uint8.cpu().numpy()
-        sizes = chunk_sizes(len(x), self.streams)
-        if len(sizes) == 1:
+        chunks = chunk_slices(len(x), self.streams)
+        if len(chunks) == 1:
             return split_heads(self.session.run(None, {INPUT_NAME: x}))
-        bounds = np.cumsum([0, *sizes])
-        futures = [self.pool.submit(session.run, None, {INPUT_NAME: x[a:b]})
-                   for session, a, b in zip(self.stream_sessions, bounds[:-1], bounds[1:], strict=False)]
+        futures = [self.pool.submit(session.run, None, {INPUT_NAME: x[chunk]})
+                   for session, chunk in zip(self.stream_sessions, chunks, strict=False)]
         return split_heads(concat_heads([f.result(timeout=STREAM_TIMEOUT_S) for f in futures]))
 
 
@@ -122,7 +134,7 @@ class OpenVINORunner:
 
         self.core = ov.Core()
         self.model = self.core.read_model(str(path))
-        self.streams = max(1, threads if streams is None else min(streams, threads))
+        self.streams = stream_count(threads, streams)
         self.configs = {
             "latency": {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                         "INFERENCE_PRECISION_HINT": "f32"},
@@ -150,13 +162,12 @@ class OpenVINORunner:
 
     def __call__(self, batch_uint8: torch.Tensor) -> Outputs:
         x = batch_uint8.cpu().numpy()
-        sizes = chunk_sizes(len(x), self.streams)
-        mode = "latency" if len(sizes) == 1 else "streams"
-        bounds = np.cumsum([0, *sizes])
+        chunks = chunk_slices(len(x), self.streams)
+        mode = "latency" if len(chunks) == 1 else "streams"
         started = []
-        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            request = self._request(mode, (int(b - a), *x.shape[1:]), i)
-            request.start_async({0: x[a:b]})
+        for i, chunk in enumerate(chunks):
+            request = self._request(mode, (chunk.stop - chunk.start, *x.shape[1:]), i)
+            request.start_async({0: x[chunk]})
             started.append(request)
         for request in started:
             if not request.wait_for(int(STREAM_TIMEOUT_S * 1000)):

@@ -16,8 +16,8 @@ server's max batch; or the first batch it sees when it is not warmed up):
   win at different sizes (in the README's table the faster runtime at batch 8 is not always the one at
   batch 1), the Detector runs each batch on the winner of the nearest measured size (`ByBatchSize`).
 Cost, bounded by construction: one ONNX export (~10 s for tiny here), one inductor compile (~5-20 s for
-tiny), and WARM_CALLS + ROUNDS = 7 forwards per candidate and size: 10-15 s for tiny at 320 on 1 thread here (measured,
-inductor's compile cache warm); more at 640 and for larger sizes.
+tiny), and WARM_CALLS + ROUNDS = 7 forwards per candidate and size: the service's warm-up of tiny at 640, 2 threads,
+max batch 8 took 29 s here with inductor's compile cache warm, 48 s cold (eager alone: 0.9 s).
 The result (every candidate's median and error) is kept in `AutoChoice` (`Detector.auto_choice`) and logged;
 `Detector.describe()['accelerate']` names the runner chosen.
 """
@@ -99,10 +99,8 @@ class ByBatchSize:
     scale, a tie going to the larger size): where the fastest runtime changes with the batch (here, e.g. ONNX
     Runtime at batch 1 and OpenVINO at batch 8), each size runs on its own winner."""
 
-    def __init__(self, by_batch: dict[int, Runner], names: dict[int, str]) -> None:
+    def __init__(self, by_batch: dict[int, Runner]) -> None:
         self.by_batch = dict(sorted(by_batch.items()))
-        self.names = names
-        self.name = "+".join(dict.fromkeys(names[b] for b in self.by_batch))
 
     def runner_for(self, batch: int) -> Runner:
         return self.by_batch[nearest_size(list(self.by_batch), batch)]
@@ -205,12 +203,8 @@ def pick_fastest(reference: Runner, builders: dict[str, Callable[[], Runner]],
     for m in measured.values():
         if m.median_ms_by_batch:
             m.median_ms = next(iter(m.median_ms_by_batch.values()))
-    if len(set(winners.values())) == 1:
-        chosen = runners[next(iter(winners.values()))]
-        name = next(iter(winners.values()))
-    else:
-        chosen = ByBatchSize({b: runners[n] for b, n in winners.items()}, winners)
-        name = chosen.name
-    choice = AutoChoice(name, int(examples[0].shape[0]), threads, list(measured.values()), winners)
+    names = list(dict.fromkeys(winners.values()))  # each winner once, in batch order
+    chosen = runners[names[0]] if len(names) == 1 else ByBatchSize({b: runners[n] for b, n in winners.items()})
+    choice = AutoChoice("+".join(names), int(examples[0].shape[0]), threads, list(measured.values()), winners)
     log.info("%s", choice.summary())
     return chosen, choice
