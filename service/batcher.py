@@ -338,7 +338,10 @@ class DynamicBatcher:
         """Requests the prediction says would be answered after their SLO even in this batch are answered now
         (CannotMeetDeadline, reason "late") instead of late: a late answer is no use to an SLO caller, and
         the model time goes to requests that can still make theirs. Only a misprediction (a stall, the
-        machine slowing) gets a request here; admission keeps the queue within the SLO otherwise."""
+        machine slowing) gets a request here; admission keeps the queue within the SLO otherwise. Shedding
+        judges by the mean time, not admission's high quantile: a request dropped here has already waited, and
+        is dropped only when it is more likely late than not (with the margin, a batch that usually makes it
+        would be emptied whenever the learned spread is wide)."""
         predicted = self.times.predict(len(batch))
         if predicted is None:
             return batch
@@ -449,6 +452,7 @@ class DynamicBatcher:
         if len(sub_batches) == 1:  # an OOM-split batch's time is not that of its size
             self.times.observe(len(live), t_inf + t_post)
             self.metrics.batch_actual.observe(t_inf + t_post)
+            self.metrics.batch_time_margin.set(self.times.margin())
             if predicted is not None:
                 self.metrics.batch_predicted.observe(predicted)
         self.metrics.observe_stage("inference", t_inf)

@@ -82,8 +82,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from service.server import run
 
     settings = settings_from_args(args)
-    print(f"rtmdet serve: {apply_thread_counts(settings.torch_threads, settings.opencv_threads)}", flush=True)
-    keep_freed_memory()  # this process is the service's: activations reuse freed blocks (model.inference.allocator)
+    threads = apply_thread_counts(settings.torch_threads, settings.opencv_threads)
+    # This process is the service's: activations reuse freed blocks (model.inference.allocator), unless told not to.
+    if not settings.keep_freed_memory:
+        malloc = "glibc's defaults (RTMDET_KEEP_FREED_MEMORY=false)"
+    else:
+        malloc = "keeps freed blocks" if keep_freed_memory() else "its defaults (not glibc, or mallopt refused)"
+    print(f"rtmdet serve: {threads}; malloc: {malloc}", flush=True)
     return run(settings)
 
 

@@ -57,6 +57,10 @@ class ServiceMetrics:
                                       "Model step time (forward + post-processing) each batch took; compare with "
                                       "rtmdet_batch_predicted_seconds", ["model"], buckets=LATENCY_BUCKETS,
                                       registry=r)
+        self.batch_time_margin = Gauge("rtmdet_batch_time_margin",
+                                       "Factor on the mean predicted batch time that admission promises on (covers "
+                                       "the ~95th percentile of the learned prediction errors; 1 = no spread seen)",
+                                       ["model"], registry=r)
         self.batch_failures = Counter("rtmdet_batch_failures_total", "Batches whose inference raised", ["model"],
                                       registry=r)
         self.inference_timeouts = Counter("rtmdet_inference_timeouts_total",
@@ -103,6 +107,7 @@ class ModelMetrics:
         self.oom_splits = metrics.oom_splits.labels(model=model)
         self.batch_predicted = metrics.batch_predicted.labels(model=model)
         self.batch_actual = metrics.batch_actual.labels(model=model)
+        self.batch_time_margin = metrics.batch_time_margin.labels(model=model)
         self._dropped = metrics.dropped
         self._refused = metrics.refused
         self._stages = {stage: metrics.stage_latency.labels(stage=stage, model=model) for stage in STAGES}

@@ -128,6 +128,9 @@ class ServiceSettings(BaseSettings):
     # Threads (see service/serve_env.py; RTMDET_OMP_WAIT_POLICY, default PASSIVE, is read before torch loads).
     torch_threads: int = Field(0, ge=0)  # torch intra-op threads; 0: one per core
     opencv_threads: int = Field(1, ge=0)  # OpenCV's own pool per call (decoding is already one image a thread)
+    # glibc keeps freed blocks for the next forward, one arena, no mmap (model.inference.allocator): faster
+    # forwards (fewer page faults), at the price of holding the peak working set. false: glibc's defaults.
+    keep_freed_memory: bool = True
     warmup: bool = True
 
     # Network.

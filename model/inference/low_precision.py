@@ -107,7 +107,13 @@ def openvino_cpu_capabilities() -> list[str]:
 
 def check_available(mode: str, calibration: Calibration | None) -> None:
     """Raise LowPrecisionUnavailable (one line) unless `mode` can run on this machine with what was given;
-    called when the Detector is made, so a mistake shows at start-up rather than on the first batch."""
+    called when the Detector is made, so a mistake shows at start-up rather than on the first batch. Images
+    given to any other mode are refused too: ignoring them would let a typo in the mode pass for INT8."""
+    if calibration is not None and mode != INT8_MODE:
+        raise LowPrecisionUnavailable(f"calibration images are only used by {INT8_MODE}; accelerate={mode} would "
+                                      "ignore them (drop --calibration, or ask for openvino-int8)")
+    if mode not in (BF16_MODE, INT8_MODE):
+        return
     if mode == INT8_MODE and calibration is None:
         raise LowPrecisionUnavailable(
             f"{INT8_MODE} needs calibration images: Detector(calibration=FOLDER), --calibration FOLDER, or "

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import torch
 
-from model.inference.accelerate import LOW_PRECISION_MODES, build_runner, resolve_mode
+from model.inference.accelerate import build_runner, resolve_mode
 from model.inference.low_precision import Calibration, check_available
 from model.inference.preprocess import Normalizer
 from model.inference.runner import HeadOutputs, NetworkInfo, blank_batch
@@ -33,8 +33,7 @@ class TorchRunner:
         self.channels_last = True if channels_last is None else channels_last
         self.accelerate = resolve_mode(accelerate, device)
         self.calibration = Calibration.of(calibration)  # for openvino-int8 (model.inference.low_precision)
-        if self.accelerate in LOW_PRECISION_MODES:
-            check_available(self.accelerate, self.calibration)  # at start-up, not on the first batch
+        check_available(self.accelerate, self.calibration)  # at start-up, not on the first batch
         if self.accelerate == "cudagraph":
             torch.backends.cudnn.benchmark = True  # shapes are fixed per captured bucket: let cuDNN time kernels
         net = fused_for_inference(model) if fuse else model.eval()

@@ -144,6 +144,22 @@ def test_int8_without_calibration_images_is_a_clear_error_at_construction(tmp_pa
         Calibration.of([])
 
 
+@pytest.mark.parametrize("mode", [None, "eager", "auto", "openvino-bf16"])
+def test_calibration_images_for_a_mode_that_ignores_them_are_refused(shapes, mode):
+    # A typo'd or forgotten mode must not pass for INT8 (the images used to be dropped without a word).
+    with pytest.raises(LowPrecisionUnavailable, match="only used by openvino-int8"):
+        detector(mode, calibration=shapes / "train")
+
+
+def test_rtmdet_detect_calibration_without_int8_is_one_line_exit_2(shapes):
+    proc = subprocess.run([sys.executable, "-m", "service", "detect", str(ROOT / "examples" / "coffee.jpg"),
+                           "--device", "cpu", "--calibration", str(shapes / "train")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "only used by openvino-int8" in lines[0], proc.stderr
+
+
 def test_rtmdet_detect_int8_without_calibration_is_one_line_exit_2():
     proc = subprocess.run([sys.executable, "-m", "service", "detect", str(ROOT / "examples" / "coffee.jpg"),
                            "--device", "cpu", "--accelerate", "openvino-int8"],

@@ -28,6 +28,13 @@ def test_serve_runs_with_a_passive_wait_policy_by_default(tmp_path, via):
     assert proc.returncode == 2, proc.stderr
     assert "OMP_WAIT_POLICY=PASSIVE (before OpenMP loaded)" in proc.stdout, proc.stdout + proc.stderr
     assert "OpenCV 1" in proc.stdout
+    assert "malloc: keeps freed blocks" in proc.stdout  # model.inference.allocator, on by default
+
+
+def test_keep_freed_memory_can_be_turned_off(tmp_path):
+    proc = serve(tmp_path, ["-m", "service"], RTMDET_KEEP_FREED_MEMORY="false")
+    assert proc.returncode == 2, proc.stderr
+    assert "malloc: glibc's defaults (RTMDET_KEEP_FREED_MEMORY=false)" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_an_operator_wait_policy_is_kept(tmp_path):

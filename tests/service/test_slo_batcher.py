@@ -222,6 +222,9 @@ def test_learned_times_follow_a_change_in_speed(make_batcher):
     m = batcher.metrics_root
     assert m.batch_actual.labels(model="m")._sum.get() > 0.12 * 15
     assert m.batch_predicted.labels(model="m")._sum.get() > 0  # every batch's prediction beside its time
+    # The margin admission promises on is exported: the two step changes left a spread in the learned errors.
+    margin = m.batch_time_margin.labels(model="m")._value.get()
+    assert margin > 1.0 and margin == pytest.approx(batcher.times.margin())
 
 
 def test_an_slo_batcher_refuses_once_it_learned_the_machine_slowed(make_batcher):
