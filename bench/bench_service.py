@@ -12,8 +12,9 @@ concurrency 1 no more than 10 ms above the Detector's batch-1 latency.
 
 With `--rounds N` every (protocol, concurrency) cell is measured N times, each time right after its own
 baseline, the cells taking turns; the table gives each cell's median (throughput and ratio) over the rounds.
-The CPU columns say where the cores went during each window: the server process, and this process (the load
-generator: its 32 async clients, upload and reading the answers), as a share of all the machine's cores. The
+The CPU columns say where the cores went, as a share of all the machine's cores: the bare Detector's process
+while it ran its batches, and during each window the server process and this process (the load generator: its
+async clients, upload and reading the answers). The
 bare Detector pays for neither the server's request path nor a load generator on the same cores.
 """
 from __future__ import annotations
@@ -93,6 +94,7 @@ class DetectorBaseline:
         self.det = Detector.from_checkpoint(weights, size=size, device="cpu", accelerate=accelerate,
                                             test_cfg=TestConfig.serving(input_size=input_size))
         self.image, self.batch = image, batch
+        self.cpu_share = 0.0
         self.det.warmup([1, batch])
 
     def batch1_p50_ms(self, duration: float) -> float:
@@ -104,11 +106,14 @@ class DetectorBaseline:
         return percentiles(lat)[0]
 
     def batched_ips(self, duration: float) -> float:
-        n, t0 = 0, time.perf_counter()
+        """Images/s at the full batch; `cpu_share` is left at the CPU seconds per second it used."""
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < duration or n < 2 * self.batch:
             self.det([self.image] * self.batch)
             n += self.batch
-        return n / (time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        self.cpu_share = (time.process_time() - c0) / wall
+        return n / wall
 
 
 def process_cpu_s(pid: int) -> float:
@@ -270,11 +275,11 @@ def main() -> int:
     print()
     print(f"medians over {args.rounds} round(s); CPU: share of all {cores} cores during the window")
     print("| protocol | concurrency | img/s | p50 ms | p95 ms | p99 ms | errors | Detector (measured just before) "
-          "| service vs Detector | server CPU | load generator CPU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| service vs Detector | Detector CPU | server CPU | load generator CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (proto, conc), got in runs.items():
-        med = {k: statistics.median(r[k] for r in got) for k in ("ips", "p50", "p95", "p99", "base", "server",
-                                                                  "client")}
+        med = {k: statistics.median(r[k] for r in got) for k in ("ips", "p50", "p95", "p99", "base", "base_cpu",
+                                                                  "server", "client")}
         errors = sum(r["errors"] for r in got)
         if conc == 1:
             ref, vs = f"batch-1 p50 {med['base']:.1f} ms", f"p50 {med['p50'] - med['base']:+.1f} ms"
@@ -284,7 +289,8 @@ def main() -> int:
             ref = f"batch-{args.batch} {med['base']:.2f} img/s"
             vs = f"{statistics.median(ratios):.2f}x throughput{spread}"
         print(f"| {proto} | {conc} | {med['ips']:.2f} | {med['p50']:.1f} | {med['p95']:.1f} | {med['p99']:.1f} | "
-              f"{errors} | {ref} | {vs} | {med['server'] / cores:.0%} | {med['client'] / cores:.0%} |")
+              f"{errors} | {ref} | {vs} | {med['base_cpu'] / cores:.0%} | {med['server'] / cores:.0%} | "
+              f"{med['client'] / cores:.0%} |")
     return 0
 
 
@@ -301,6 +307,7 @@ def measure_cell(proto: str, conc: int, args, baseline: DetectorBaseline, base_b
         ips, lat, errors = asyncio.run(load_grpc(grpc_target, data, conc, warmup, args.duration, cpu))
     p50, p95, p99 = percentiles(lat) if lat else (float("nan"),) * 3
     return {"ips": ips, "p50": p50, "p95": p95, "p99": p99, "errors": errors, "base": base,
+            "base_cpu": baseline.cpu_share if conc > 1 else float("nan"),
             "server": cpu.server_s / args.duration, "client": cpu.client_s / args.duration}
 
 
