@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: proto install triton-env test test-all lint fmt serve detect bench gpu-check clean fuzz soak
+.PHONY: proto install triton-env test test-all lint fmt serve detect bench gpu-check device-kit clean fuzz soak
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ bench: install
 # Every CUDA path checked against its CPU/eager twin, timed, served; exits 2 without CUDA.
 gpu-check: install
 	$(PY) bench/gpu_check.py
+
+# Wheels for running gpu-check on a GPU machine without network (README, GPU path): `bash tools/device_gpu_check.sh`
+# there, with .whl/ carried.
+device-kit:
+	$(PYTHON) tools/device_kit.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

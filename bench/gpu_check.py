@@ -208,11 +208,17 @@ def check_ddp(tmp: str, deadline: Deadline) -> Check:
            "--stage2-epochs", "0", "--out", out, "--workers", "0", "--warmup-iters", "2", "--log-interval", "1",
            "--val-interval", "100", "--no-progress", "--device", "cuda"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(30.0, min(240.0, deadline.left())),
-                         env=os.environ | {"PYTHONPATH": str(ROOT)})
+                         env=child_env())
     ok = res.returncode == 0 and Path(out, "train_log.csv").is_file()
     tail = (res.stdout + res.stderr).strip().splitlines()[-1:] if not ok else []
     return Check("NCCL DDP, 2 processes, 2 iterations", "PASS" if ok else "FAIL",
                  "rank 0 logged" if ok else f"rc {res.returncode}: {tail}")
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a child process: the repository first on the path, then whatever the caller's path held
+    (on the lent GPU machine, the carried wheels: tools/device_gpu_check.sh)."""
+    return os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def cuda_timed(fn, seconds: float, min_runs: int = 5) -> float:
@@ -296,7 +302,7 @@ def serve_requests(jpegs: list[bytes], n: int, deadline: Deadline, device: str =
     import httpx
 
     http_port, grpc_port = free_port(), free_port()
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    env = child_env()
     with tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False) as logf:
         proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--device", device, "--http-port",
                                  str(http_port), "--grpc-port", str(grpc_port)], cwd=ROOT, env=env, stdout=logf,
