@@ -9,3 +9,16 @@ costs nothing when a process has the cores to itself, so the tests and every ser
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_auto_choices():
+    """Each test measures `auto` for itself: a choice remembered from another test's network of the same shapes
+    (model.inference.runner_choice) would make a test's outcome depend on which ran before it."""
+    yield
+    from model.inference.runner_choice import forget_choices
+
+    forget_choices()

@@ -20,15 +20,27 @@ tiny), and WARM_CALLS + ROUNDS = 7 forwards per candidate and size: the service'
 max batch 8 took 29 s here with inductor's compile cache warm, 48 s cold (eager alone: 0.9 s).
 The result (every candidate's median and error) is kept in `AutoChoice` (`Detector.auto_choice`) and logged;
 `Detector.describe()['accelerate']` names the runner chosen.
+
+A choice is remembered for the life of the process, keyed by what decides the speed and not by the weights: the
+network's layer shapes (size, class count), the batch shapes, the thread count, the candidates, the device and
+OpenMP's wait policy. A second network with the same key (a hot-reloaded version of a served model, another
+Detector of the same size) reuses it: only the winners are built, and each is still checked against this network's
+own eager outputs (the same PEAK_TOLERANCE), then run without timing anyone (`AutoChoice.reused`). A reload then
+costs the export and that check rather than 7 forwards of every candidate on a machine busy serving the old
+version, and keeps the choice measured when the process started. A winner that no longer builds or matches sends
+the network through the full measurement again.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -71,6 +83,7 @@ class AutoChoice:
     threads: int
     measurements: list[Measurement] = field(default_factory=list)
     by_batch: dict[int, str] = field(default_factory=dict)  # each measured batch size's winner
+    reused: bool = False  # taken from an earlier network with the same speed key (module docstring), not timed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +98,8 @@ class AutoChoice:
                 parts.append(f"{m.name} ({m.refused})")
         sizes = "/".join(str(b) for b in self.by_batch) or str(self.batch)
         winners = ", ".join(f"{n} at batch {b}" for b, n in self.by_batch.items())
-        return (f"auto runner: {self.chosen} ({winners}; medians at batch {sizes}, {self.threads} threads: "
+        how = "reused from an earlier network of the same shapes in this process, " if self.reused else ""
+        return (f"auto runner: {self.chosen} ({how}{winners}; medians at batch {sizes}, {self.threads} threads: "
                 f"{'; '.join(parts)})")
 
 
@@ -144,16 +158,78 @@ def _builders(net: nn.Module, normalize: Callable, example: torch.Tensor, stride
     return builders
 
 
+_CHOICES: dict[tuple, AutoChoice] = {}  # this process's choices by speed key (module docstring)
+_CHOICES_LOCK = threading.Lock()
+
+
+def speed_key(net: nn.Module, examples: Sequence[torch.Tensor], threads: int, candidates: Sequence[str]) -> tuple:
+    """What decides which runner is fastest, the weights' values left out."""
+    shapes = repr([(k, tuple(v.shape), str(v.dtype), str(v.device)) for k, v in net.state_dict().items()])
+    return (hashlib.sha256(shapes.encode()).hexdigest(), tuple(sorted(tuple(x.shape) for x in examples)),
+            str(examples[0].dtype), threads, tuple(candidates), os.environ.get("OMP_WAIT_POLICY"))
+
+
+def forget_choices() -> None:
+    """Drop this process's remembered choices (the next `auto` measures again)."""
+    with _CHOICES_LOCK:
+        _CHOICES.clear()
+
+
 def choose_runner(net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
                   examples: torch.Tensor | Sequence[torch.Tensor], strides: Sequence[int], threads: int | None = None,
                   candidates: Sequence[str] = CANDIDATES) -> tuple[Runner, AutoChoice]:
     """Measure `candidates` on `examples` (uint8 batches of the serving shape, one per batch size to decide;
     normally the smallest and the largest the server runs) and return the fastest runner whose outputs are
-    within PEAK_TOLERANCE of eager's, per batch size, with the measurements."""
+    within PEAK_TOLERANCE of eager's, per batch size, with the measurements; or, when this process already
+    chose for a network of the same speed key, that choice's winners, checked against this network's eager."""
     examples = [examples] if isinstance(examples, torch.Tensor) else list(examples)
     threads = threads or torch.get_num_threads()
+    key = speed_key(net, examples, threads, candidates)
+    with _CHOICES_LOCK:
+        earlier = _CHOICES.get(key)
+    if earlier is not None:
+        reused = reuse_choice(earlier, net, normalize, examples, strides, threads)
+        if reused is not None:
+            return reused
     builders = _builders(net, normalize, examples[0], strides, threads, candidates)
-    return pick_fastest(EagerRunner(net, normalize), builders, examples, threads)
+    runner, choice = pick_fastest(EagerRunner(net, normalize), builders, examples, threads)
+    with _CHOICES_LOCK:
+        _CHOICES[key] = choice
+    return runner, choice
+
+
+def reuse_choice(earlier: AutoChoice, net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
+                 examples: Sequence[torch.Tensor], strides: Sequence[int],
+                 threads: int) -> tuple[Runner, AutoChoice] | None:
+    """`earlier`'s winners built for `net` and checked against its eager outputs at every example; None (and a
+    warning) if one does not build or does not match, so that the caller measures afresh."""
+    reference = EagerRunner(net, normalize)
+    names = list(dict.fromkeys(earlier.by_batch.values()))
+    runners: dict[str, Runner] = {"eager": reference}
+    errors: dict[str, float] = {"eager": 0.0}
+    try:
+        builders = _builders(net, normalize, examples[0], strides, threads, [n for n in names if n != "eager"])
+        for name, build in builders.items():
+            runners[name] = build()
+            worst = 0.0
+            for x in examples:
+                for _ in range(WARM_CALLS):  # the first call of a shape may compile it
+                    out = runners[name](x)
+                worst = max(worst, peak_relative_error(out, reference(x)))
+            errors[name] = worst
+            if not worst <= PEAK_TOLERANCE:
+                raise ValueError(f"outputs {worst:.1e} of the peak off eager's")
+    except Exception as exc:
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        log.warning("auto runner: the earlier choice %s does not hold for this network (%s); measuring again",
+                    earlier.chosen, first_line)
+        return None
+    by_batch = dict(earlier.by_batch)
+    chosen = runners[names[0]] if len(names) == 1 else ByBatchSize({b: runners[n] for b, n in by_batch.items()})
+    measurements = [replace(m, peak_rel_error=errors.get(m.name, m.peak_rel_error)) for m in earlier.measurements]
+    choice = replace(earlier, measurements=measurements, by_batch=by_batch, reused=True)
+    log.info("%s", choice.summary())
+    return chosen, choice
 
 
 def pick_fastest(reference: Runner, builders: dict[str, Callable[[], Runner]],

@@ -10,7 +10,15 @@ from model import Detector, TestConfig, build_rtmdet
 from model.inference.accelerate import EagerRunner, InductorRunner
 from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, chunk_sizes, export_network
 from model.inference.preprocess import Normalizer
-from model.inference.runner_choice import PEAK_TOLERANCE, peak_relative_error, pick_fastest
+from model.inference.runner_choice import (
+    _CHOICES,
+    PEAK_TOLERANCE,
+    AutoChoice,
+    choose_runner,
+    peak_relative_error,
+    pick_fastest,
+    speed_key,
+)
 from model.nn.rtmdet import fused_for_inference
 from model.testing import fill_deterministic
 from tests.model.test_accelerate import PHOTOS, assert_same_detections_any_order, confident_model
@@ -209,3 +217,57 @@ def test_detector_auto_picks_a_measured_runner_and_keeps_the_eager_detections():
     for e, a in zip(eager(imgs), auto(imgs), strict=True):
         assert len(e) > 0 and len(e) == len(a)
         assert_same_detections_any_order(e, a, atol_score=1e-5, atol_box=1e-2)
+
+
+def seeded_network(seed: int):
+    m = fill_deterministic(build_rtmdet("tiny", num_classes=3), seed)
+    with torch.no_grad():
+        for conv in m.bbox_head.rtm_cls:
+            conv.weight.mul_(30.0)
+    return fused_for_inference(m).to(memory_format=torch.channels_last), m.bbox_head.strides
+
+
+def test_a_network_of_the_same_shapes_reuses_the_choice_checked_against_its_own_eager():
+    # A hot-reloaded version: same architecture and shapes, other weights. Its runner is built from the first
+    # choice's winners for *its* weights, and nothing is timed again.
+    (first, strides), (second, _) = seeded_network(3), seeded_network(4)
+    normalize = Normalizer(torch.device("cpu"), channels_last=True)
+    x1, x2 = batches(1, 2, seed=9)
+    _, measured = choose_runner(first, normalize, [x1, x2], strides, threads=1, candidates=("eager", "onnxruntime"))
+    assert not measured.reused and all(m.median_ms_by_batch for m in measured.measurements)
+    runner, reused = choose_runner(second, normalize, [x1, x2], strides, threads=1,
+                                   candidates=("eager", "onnxruntime"))
+    assert reused.reused and reused.by_batch == measured.by_batch and reused.chosen == measured.chosen
+    assert "reused from an earlier network" in reused.summary()
+    for x in (x1, x2):
+        mine, theirs = EagerRunner(second, normalize)(x), EagerRunner(first, normalize)(x)
+        assert peak_relative_error(runner(x), mine) <= PEAK_TOLERANCE
+        assert peak_relative_error(runner(x), theirs) > 1e-2  # it runs the new weights, not the old ones
+    winners = {m.name: m for m in reused.measurements if m.name in reused.by_batch.values()}
+    assert all(m.peak_rel_error <= PEAK_TOLERANCE for m in winners.values())
+
+
+def test_other_shapes_or_threads_are_measured_afresh():
+    network, strides = seeded_network(3)
+    normalize = Normalizer(torch.device("cpu"), channels_last=True)
+    (x1,) = batches(1, seed=9)
+    choose_runner(network, normalize, [x1], strides, threads=1, candidates=("eager", "onnxruntime"))
+    other_size = torch.zeros((1, 64, 64, 3), dtype=torch.uint8)
+    assert speed_key(network, [other_size], 1, ("eager", "onnxruntime")) != \
+        speed_key(network, [x1], 1, ("eager", "onnxruntime"))
+    _, choice = choose_runner(network, normalize, [other_size], strides, threads=1,
+                              candidates=("eager", "onnxruntime"))
+    assert not choice.reused
+    _, choice = choose_runner(network, normalize, [x1], strides, threads=2, candidates=("eager", "onnxruntime"))
+    assert not choice.reused
+
+
+def test_an_earlier_choice_that_no_longer_builds_is_measured_again():
+    network, strides = seeded_network(3)
+    normalize = Normalizer(torch.device("cpu"), channels_last=True)
+    (x1,) = batches(1, seed=9)
+    candidates = ("eager", "onnxruntime")
+    _CHOICES[speed_key(network, [x1], 1, candidates)] = AutoChoice("gone", 1, 1, [], {1: "gone"})
+    runner, choice = choose_runner(network, normalize, [x1], strides, threads=1, candidates=candidates)
+    assert not choice.reused and choice.chosen in candidates
+    assert peak_relative_error(runner(x1), EagerRunner(network, normalize)(x1)) <= PEAK_TOLERANCE
