@@ -216,8 +216,18 @@ def test_grpc_resource_exhausted_is_retried_after_its_retry_after_trailer(srv, e
         assert 1.0 <= e.delay_s <= 1.2
 
 
+def wait_until_idle(srv, timeout: float = 30.0) -> None:
+    """Until no detect request is in flight: a call that gave up after 1 ms leaves its request on the server a
+    little longer, and with a queue of one the next call would find it full (RESOURCE_EXHAUSTED, not a deadline)."""
+    end = time.monotonic() + timeout
+    while value(samples(srv.http), "rtmdet_requests_in_flight") > 0:
+        assert time.monotonic() < end, "the server kept a request in flight for 30 s"
+        time.sleep(0.02)
+
+
 def test_deadlines_give_a_clear_timeout_error(srv):
     def timed(call):
+        wait_until_idle(srv)
         t0 = time.monotonic()
         with pytest.raises(DeadlineExceeded) as err:
             call()
@@ -232,6 +242,7 @@ def test_deadlines_give_a_clear_timeout_error(srv):
         async with AsyncHttpDetectorClient(srv.http, api_key=API_KEY) as h, \
                 AsyncGrpcDetectorClient(srv.grpc, api_key=API_KEY) as g:
             for call in (h.detect(SHAPES, timeout=0.001), g.detect(SHAPES, timeout=0.001)):
+                await asyncio.to_thread(wait_until_idle, srv)
                 with pytest.raises(DeadlineExceeded):
                     await call
             # Under overload a Retry-After of 1 s does not fit a 0.5 s deadline: a refused call gives up at
