@@ -158,6 +158,27 @@ def _builders(net: nn.Module, normalize: Callable, example: torch.Tensor, stride
     return builders
 
 
+def _built_and_checked(build: Callable[[], Runner], examples: Sequence[torch.Tensor],
+                       wants: Sequence[Outputs]) -> tuple[Runner, float]:
+    """`build()`, called WARM_CALLS times at each example (the first call of a shape may compile it), and its
+    worst peak-relative error against `wants` (the reference's outputs, one per example)."""
+    runner, worst = build(), 0.0
+    for x, want in zip(examples, wants, strict=True):
+        for _ in range(WARM_CALLS):
+            out = runner(x)
+        worst = max(worst, peak_relative_error(out, want))
+    return runner, worst
+
+
+def _dispatch(winners: dict[int, str], runners: dict[str, Runner]) -> tuple[Runner, str]:
+    """The runner that serves `winners` (batch size -> name): the one winner itself, else a ByBatchSize; and the
+    choice's name ("a" or "a+b", each winner once in batch order)."""
+    names = list(dict.fromkeys(winners.values()))
+    if len(names) == 1:
+        return runners[names[0]], names[0]
+    return ByBatchSize({b: runners[n] for b, n in winners.items()}), "+".join(names)
+
+
 _CHOICES: dict[tuple, AutoChoice] = {}  # this process's choices by speed key (module docstring)
 _CHOICES_LOCK = threading.Lock()
 
@@ -204,30 +225,23 @@ def reuse_choice(earlier: AutoChoice, net: nn.Module, normalize: Callable[[torch
     """`earlier`'s winners built for `net` and checked against its eager outputs at every example; None (and a
     warning) if one does not build or does not match, so that the caller measures afresh."""
     reference = EagerRunner(net, normalize)
-    names = list(dict.fromkeys(earlier.by_batch.values()))
+    wants = [reference(x) for x in examples]
+    winners = [n for n in dict.fromkeys(earlier.by_batch.values()) if n != "eager"]
     runners: dict[str, Runner] = {"eager": reference}
     errors: dict[str, float] = {"eager": 0.0}
     try:
-        builders = _builders(net, normalize, examples[0], strides, threads, [n for n in names if n != "eager"])
-        for name, build in builders.items():
-            runners[name] = build()
-            worst = 0.0
-            for x in examples:
-                for _ in range(WARM_CALLS):  # the first call of a shape may compile it
-                    out = runners[name](x)
-                worst = max(worst, peak_relative_error(out, reference(x)))
-            errors[name] = worst
-            if not worst <= PEAK_TOLERANCE:
-                raise ValueError(f"outputs {worst:.1e} of the peak off eager's")
+        for name, build in _builders(net, normalize, examples[0], strides, threads, winners).items():
+            runners[name], errors[name] = _built_and_checked(build, examples, wants)
+            if not errors[name] <= PEAK_TOLERANCE:
+                raise ValueError(f"outputs {errors[name]:.1e} of the peak off eager's")
     except Exception as exc:
         first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         log.warning("auto runner: the earlier choice %s does not hold for this network (%s); measuring again",
                     earlier.chosen, first_line)
         return None
-    by_batch = dict(earlier.by_batch)
-    chosen = runners[names[0]] if len(names) == 1 else ByBatchSize({b: runners[n] for b, n in by_batch.items()})
+    chosen, _ = _dispatch(earlier.by_batch, runners)
     measurements = [replace(m, peak_rel_error=errors.get(m.name, m.peak_rel_error)) for m in earlier.measurements]
-    choice = replace(earlier, measurements=measurements, by_batch=by_batch, reused=True)
+    choice = replace(earlier, measurements=measurements, by_batch=dict(earlier.by_batch), reused=True)
     log.info("%s", choice.summary())
     return chosen, choice
 
@@ -246,19 +260,13 @@ def pick_fastest(reference: Runner, builders: dict[str, Callable[[], Runner]],
         m = measured[name] = Measurement(name)
         t0 = time.perf_counter()
         try:
-            runner = build()
-            errors = []
-            for x, want in zip(examples, wants, strict=True):
-                for _ in range(WARM_CALLS):  # the first call of a shape may compile it
-                    out = runner(x)
-                errors.append(peak_relative_error(out, want))
+            runner, m.peak_rel_error = _built_and_checked(build, examples, wants)
         except Exception as exc:  # unavailable here (not installed, unsupported CPU, compiler missing)
             first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
             m.refused = f"{type(exc).__name__}: {first_line}"
             log.warning("auto runner: %s skipped: %s", name, m.refused)
             continue
         m.build_s = time.perf_counter() - t0
-        m.peak_rel_error = max(errors)
         if not m.peak_rel_error <= PEAK_TOLERANCE:
             m.refused = f"outputs {m.peak_rel_error:.1e} of the peak off eager's"
             log.warning("auto runner: %s refused: %s", name, m.refused)
@@ -279,8 +287,7 @@ def pick_fastest(reference: Runner, builders: dict[str, Callable[[], Runner]],
     for m in measured.values():
         if m.median_ms_by_batch:
             m.median_ms = next(iter(m.median_ms_by_batch.values()))
-    names = list(dict.fromkeys(winners.values()))  # each winner once, in batch order
-    chosen = runners[names[0]] if len(names) == 1 else ByBatchSize({b: runners[n] for b, n in winners.items()})
-    choice = AutoChoice("+".join(names), int(examples[0].shape[0]), threads, list(measured.values()), winners)
+    chosen, name = _dispatch(winners, runners)
+    choice = AutoChoice(name, int(examples[0].shape[0]), threads, list(measured.values()), winners)
     log.info("%s", choice.summary())
     return chosen, choice
