@@ -31,7 +31,11 @@ from bench_runners import build_model, interleaved  # noqa: E402
 from model import Detector, TestConfig  # noqa: E402
 from model.inference.accelerate import EagerRunner  # noqa: E402
 from model.inference.allocator import keep_freed_memory  # noqa: E402
-from model.inference.low_precision import Calibration, build_low_precision_runner  # noqa: E402
+from model.inference.low_precision import (  # noqa: E402
+    Calibration,
+    LowPrecisionUnavailable,
+    build_low_precision_runner,
+)
 from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, export_network  # noqa: E402
 from model.inference.runner_choice import peak_relative_error  # noqa: E402
 
@@ -40,15 +44,22 @@ LOW = ("openvino-bf16", "openvino-int8")
 CALIBRATION_PHOTOS = 8
 
 
-def build_runners(det: Detector, threads: int) -> dict[str, object]:
+def build_runners(det: Detector, threads: int) -> tuple[dict[str, object], dict[str, str]]:
+    """The runners, and why each reduced-precision mode this machine cannot run is left out (e.g. bf16 on a
+    CPU without bfloat16 arithmetic: the row says so rather than timing float32 under the bf16 name)."""
     runners: dict[str, object] = {"eager": EagerRunner(det.network, det.normalize)}
+    missing: dict[str, str] = {}
     calibration = Calibration.of(photos(CALIBRATION_PHOTOS))
     with export_network(det.network, det.strides, det.input_size) as path:
         runners["onnxruntime"] = OnnxRuntimeRunner(path, threads)
         runners["openvino"] = OpenVINORunner(path, threads)
         for mode in LOW:
-            runners[mode] = build_low_precision_runner(mode, path, threads, det.input_size, calibration)
-    return runners
+            try:
+                runners[mode] = build_low_precision_runner(mode, path, threads, det.input_size, calibration)
+            except LowPrecisionUnavailable as exc:
+                missing[mode] = str(exc)
+                print(f"{mode} left out: {exc}", flush=True)
+    return runners, missing
 
 
 def main() -> int:
@@ -66,22 +77,26 @@ def main() -> int:
         torch.set_num_threads(threads)
         det = Detector(build_model(args.size), device="cpu", test_cfg=TestConfig.serving(input_size=args.img_size),
                        accelerate="eager")
-        runners = build_runners(det, threads)
+        runners, missing = build_runners(det, threads)
         for b in args.batches:
             x, _ = det.preprocess(photos(b))
             ref = runners["eager"](x)
             errors = {k: peak_relative_error(r(x), ref) for k, r in runners.items()}
             per_call = interleaved({k: partial(r, x) for k, r in runners.items()}, args.seconds, args.rounds)
-            rows.append((b, threads, {k: b / v for k, v in per_call.items()}, errors))
+            rows.append((b, threads, {k: b / v for k, v in per_call.items()}, errors, missing))
             print(f"batch {b}, {threads} threads: " + ", ".join(f"{k} {b / v:.2f}/s" for k, v in per_call.items()),
                   flush=True)
     print(f"\n{args.size} {args.img_size}x{args.img_size}, forward images/s (higher is better); "
           "/ best fp32 = over the faster of ONNX Runtime and OpenVINO float32 in that row\n")
     print("| batch | threads | runner | images/s | / best fp32 | peak err |\n|---|---|---|---|---|---|")
-    for b, threads, speed, errors in rows:
+    for b, threads, speed, errors, missing in rows:
         best = max(speed[k] for k in FP32_PEERS)
         for name in ("eager", *FP32_PEERS, *LOW):
-            print(f"| {b} | {threads} | {name} | {speed[name]:.2f} | {speed[name] / best:.2f}x | {errors[name]:.1e} |")
+            if name in missing:
+                print(f"| {b} | {threads} | {name} | unavailable here | - | - |")
+            else:
+                print(f"| {b} | {threads} | {name} | {speed[name]:.2f} | {speed[name] / best:.2f}x | "
+                      f"{errors[name]:.1e} |")
     import nncf
     import onnxruntime
     import openvino
