@@ -67,7 +67,8 @@ class Detector:
     `accelerate` picks how the in-process network runs (model.inference.accelerate): None is the device's
     default (`eager` on the CPU, `cudagraph` on CUDA); `auto` measures the CPU runners on the first batch and
     keeps the fastest that matches eager (its measurements in `auto_choice`; `auto_candidates` limits the field,
-    e.g. without `inductor` to save its compile); or one of `inductor`, `onnxruntime`, `openvino`,
+    e.g. without `inductor` to save its compile; `auto_choices_file` keeps the choice for the next process on this
+    machine, model.inference.choice_store); or one of `inductor`, `onnxruntime`, `openvino`,
     `torchscript` (deprecated TorchScript, opt-in); or, reduced precision by name only, `openvino-bf16` or
     `openvino-int8` (model.inference.low_precision), the latter calibrated on `calibration` (a folder of
     real images, or BGR arrays).
@@ -77,13 +78,14 @@ class Detector:
                  device: str | torch.device | None = None, fp16: bool = False,
                  test_cfg: TestConfig | None = None, fuse: bool = True, channels_last: bool | None = None,
                  weights_sha256: str | None = None, accelerate: str | None = None,
-                 auto_candidates: Sequence[str] = AUTO_CANDIDATES, calibration=None) -> None:
+                 auto_candidates: Sequence[str] = AUTO_CANDIDATES, calibration=None,
+                 auto_choices_file: str | Path | None = None) -> None:
         names = list(class_names) if class_names is not None else list(COCO_CLASSES)
         if len(names) != model.num_classes:
             raise ValueError(f"{len(names)} class names for a model with {model.num_classes} classes")
         runner = TorchRunner(model, names, resolve_device(device), fp16=fp16, fuse=fuse, channels_last=channels_last,
                              accelerate=accelerate, weights_sha256=weights_sha256, auto_candidates=auto_candidates,
-                             calibration=calibration)
+                             calibration=calibration, auto_choices_file=auto_choices_file)
         self._attach(runner, test_cfg or TestConfig.serving())
 
     @classmethod

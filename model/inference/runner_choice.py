@@ -29,6 +29,9 @@ own eager outputs (the same PEAK_TOLERANCE), then run without timing anyone (`Au
 costs the export and that check rather than 7 forwards of every candidate on a machine busy serving the old
 version, and keeps the choice measured when the process started. A winner that no longer builds or matches sends
 the network through the full measurement again.
+
+With a choices file (`choose_runner(choices_file=...)`, the service's `RTMDET_AUTO_CHOICES_FILE`), a measurement
+also outlives the process: a restart on the same machine reuses it in the same way (model.inference.choice_store).
 """
 from __future__ import annotations
 
@@ -41,17 +44,20 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from model.inference.accelerate import EagerRunner, InductorRunner, Outputs, Runner
+from model.inference.choice_store import ChoiceFile
 
 log = logging.getLogger("rtmdet.runner")
 CANDIDATES = ("eager", "inductor", "onnxruntime", "openvino")
 PEAK_TOLERANCE = 1e-4
 WARM_CALLS = 2
 ROUNDS = 5
+PROCESS = "this process"  # AutoChoice.reused_from for a choice made earlier in this process
 
 
 def peak_relative_error(got: Outputs, want: Outputs) -> float:
@@ -84,9 +90,21 @@ class AutoChoice:
     measurements: list[Measurement] = field(default_factory=list)
     by_batch: dict[int, str] = field(default_factory=dict)  # each measured batch size's winner
     reused: bool = False  # taken from an earlier network with the same speed key (module docstring), not timed
+    reused_from: str | None = None  # where a reused choice came from: "this process" or a choices file's path
+    measured_at: float | None = None  # when the candidates were timed (Unix time)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AutoChoice:
+        """`to_dict()`'s inverse, for a choice read back from JSON (whose keys are strings)."""
+        measurements = [Measurement(**{**m, "median_ms_by_batch": {int(b): float(t) for b, t in
+                                                                   m.get("median_ms_by_batch", {}).items()}})
+                        for m in d.get("measurements", [])]
+        return cls(chosen=str(d["chosen"]), batch=int(d["batch"]), threads=int(d["threads"]),
+                   measurements=measurements, by_batch={int(b): str(n) for b, n in d["by_batch"].items()},
+                   measured_at=d.get("measured_at"))
 
     def summary(self) -> str:
         parts = []
@@ -98,7 +116,12 @@ class AutoChoice:
                 parts.append(f"{m.name} ({m.refused})")
         sizes = "/".join(str(b) for b in self.by_batch) or str(self.batch)
         winners = ", ".join(f"{n} at batch {b}" for b, n in self.by_batch.items())
-        how = "reused from an earlier network of the same shapes in this process, " if self.reused else ""
+        how = ""
+        if self.reused and self.reused_from == PROCESS:
+            how = "reused from an earlier network of the same shapes in this process, "
+        elif self.reused:
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.measured_at)) if self.measured_at else "?"
+            how = f"reused from {self.reused_from} (measured {when}), "
         return (f"auto runner: {self.chosen} ({how}{winners}; medians at batch {sizes}, {self.threads} threads: "
                 f"{'; '.join(parts)})")
 
@@ -198,30 +221,52 @@ def forget_choices() -> None:
 
 def choose_runner(net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
                   examples: torch.Tensor | Sequence[torch.Tensor], strides: Sequence[int], threads: int | None = None,
-                  candidates: Sequence[str] = CANDIDATES) -> tuple[Runner, AutoChoice]:
+                  candidates: Sequence[str] = CANDIDATES,
+                  choices_file: str | Path | ChoiceFile | None = None) -> tuple[Runner, AutoChoice]:
     """Measure `candidates` on `examples` (uint8 batches of the serving shape, one per batch size to decide;
     normally the smallest and the largest the server runs) and return the fastest runner whose outputs are
-    within PEAK_TOLERANCE of eager's, per batch size, with the measurements; or, when this process already
-    chose for a network of the same speed key, that choice's winners, checked against this network's eager."""
+    within PEAK_TOLERANCE of eager's, per batch size, with the measurements; or, when this process (or, with
+    `choices_file`, an earlier process on this machine: model.inference.choice_store) already chose for a
+    network of the same speed key, that choice's winners, checked against this network's eager. A new
+    measurement is saved to `choices_file`."""
     examples = [examples] if isinstance(examples, torch.Tensor) else list(examples)
     threads = threads or torch.get_num_threads()
     key = speed_key(net, examples, threads, candidates)
+    store = ChoiceFile.of(choices_file)
     with _CHOICES_LOCK:
-        earlier = _CHOICES.get(key)
+        earlier, source = _CHOICES.get(key), PROCESS
+    if earlier is None and store is not None:
+        earlier, source = _saved_choice(store, key), str(store.path)
     if earlier is not None:
-        reused = reuse_choice(earlier, net, normalize, examples, strides, threads)
+        reused = reuse_choice(earlier, net, normalize, examples, strides, threads, source)
         if reused is not None:
+            with _CHOICES_LOCK:
+                _CHOICES.setdefault(key, reused[1])
             return reused
     builders = _builders(net, normalize, examples[0], strides, threads, candidates)
     runner, choice = pick_fastest(EagerRunner(net, normalize), builders, examples, threads)
     with _CHOICES_LOCK:
         _CHOICES[key] = choice
+    if store is not None:
+        store.save(key, choice.to_dict())
     return runner, choice
 
 
+def _saved_choice(store: ChoiceFile, key: tuple) -> AutoChoice | None:
+    saved = store.load(key)
+    if saved is None:
+        return None
+    try:
+        return AutoChoice.from_dict(saved)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or foreign entry
+        log.warning("auto runner: the entry in %s for these shapes is malformed (%s: %s); measuring again",
+                    store.path, type(exc).__name__, exc)
+        return None
+
+
 def reuse_choice(earlier: AutoChoice, net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
-                 examples: Sequence[torch.Tensor], strides: Sequence[int],
-                 threads: int) -> tuple[Runner, AutoChoice] | None:
+                 examples: Sequence[torch.Tensor], strides: Sequence[int], threads: int,
+                 source: str = PROCESS) -> tuple[Runner, AutoChoice] | None:
     """`earlier`'s winners built for `net` and checked against its eager outputs at every example; None (and a
     warning) if one does not build or does not match, so that the caller measures afresh."""
     reference = EagerRunner(net, normalize)
@@ -236,12 +281,13 @@ def reuse_choice(earlier: AutoChoice, net: nn.Module, normalize: Callable[[torch
                 raise ValueError(f"outputs {errors[name]:.1e} of the peak off eager's")
     except Exception as exc:
         first_line = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        log.warning("auto runner: the earlier choice %s does not hold for this network (%s); measuring again",
-                    earlier.chosen, first_line)
+        log.warning("auto runner: the earlier choice %s (from %s) does not hold for this network (%s); measuring "
+                    "again", earlier.chosen, source, first_line)
         return None
     chosen, _ = _dispatch(earlier.by_batch, runners)
     measurements = [replace(m, peak_rel_error=errors.get(m.name, m.peak_rel_error)) for m in earlier.measurements]
-    choice = replace(earlier, measurements=measurements, by_batch=dict(earlier.by_batch), reused=True)
+    choice = replace(earlier, measurements=measurements, by_batch=dict(earlier.by_batch), reused=True,
+                     reused_from=source)
     log.info("%s", choice.summary())
     return chosen, choice
 
@@ -288,6 +334,7 @@ def pick_fastest(reference: Runner, builders: dict[str, Callable[[], Runner]],
         if m.median_ms_by_batch:
             m.median_ms = next(iter(m.median_ms_by_batch.values()))
     chosen, name = _dispatch(winners, runners)
-    choice = AutoChoice(name, int(examples[0].shape[0]), threads, list(measured.values()), winners)
+    choice = AutoChoice(name, int(examples[0].shape[0]), threads, list(measured.values()), winners,
+                        measured_at=time.time())
     log.info("%s", choice.summary())
     return chosen, choice

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -25,7 +26,8 @@ class TorchRunner:
     def __init__(self, model: RTMDet, class_names: Sequence[str], device: torch.device, fp16: bool = False,
                  fuse: bool = True, channels_last: bool | None = None, accelerate: str | None = None,
                  weights_sha256: str | None = None, input_size: int | None = None,
-                 auto_candidates: Sequence[str] = AUTO_CANDIDATES, calibration=None) -> None:
+                 auto_candidates: Sequence[str] = AUTO_CANDIDATES, calibration=None,
+                 auto_choices_file: str | Path | None = None) -> None:
         self.device = device
         self.fp16 = bool(fp16 and device.type == "cuda")
         self.dtype = torch.float16 if self.fp16 else torch.float32
@@ -44,6 +46,7 @@ class TorchRunner:
         self.normalize = Normalizer(device, self.dtype, self.channels_last)
         self._engine = None  # built on the first forward, when the input shape is known
         self.auto_candidates = tuple(auto_candidates)
+        self.auto_choices_file = auto_choices_file  # earlier processes' choices (model.inference.choice_store)
         self.auto_choice: AutoChoice | None = None
         self.info = NetworkInfo(size=model.size, class_names=tuple(class_names), backend="torch",
                                 device=str(device), dtype=str(self.dtype).replace("torch.", ""),
@@ -57,7 +60,8 @@ class TorchRunner:
         if self.accelerate == "auto":
             engine, self.auto_choice = choose_runner(self.network, self.normalize, list(auto_examples) or
                                                      [example_uint8], self.info.strides,
-                                                     candidates=self.auto_candidates)
+                                                     candidates=self.auto_candidates,
+                                                     choices_file=self.auto_choices_file)
             self._set_mode(self.auto_choice.chosen)
             return engine
         return build_runner(self.accelerate, self.network, self.normalize, example_uint8, self.info.strides,
