@@ -28,7 +28,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     add_weights_key_argument(p)
     p.add_argument("--model", action="append", metavar=MODEL_OPTION_SYNTAX,
                    help="serve this model under NAME (repeatable; the first is the default); accelerate: "
-                        f"{'|'.join(MODES)}; latency_slo_ms: this model's RTMDET_LATENCY_SLO_MS")
+                        f"{'|'.join(MODES)}; auto_candidates: auto's field, e.g. eager+openvino; "
+                        "latency_slo_ms: this model's RTMDET_LATENCY_SLO_MS")
     p.add_argument("--model-repository", type=Path, metavar="DIR",
                    help="serve every model in DIR/<model>/<version>/ (SIGHUP re-reads it)")
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="TLS certificate (chain) for HTTPS and gRPC")

@@ -341,10 +341,11 @@ def info_labels(version: ModelVersion) -> dict[str, str]:
 
 # -- where specs come from --------------------------------------------------------------------------------
 _OPTION_ALIASES = {"img_size": "input_size"}
-MODEL_OPTIONS = ("size", "input_size", "backend", "num_classes", "accelerate", "calibration", "latency_slo_ms")
+MODEL_OPTIONS = ("size", "input_size", "backend", "num_classes", "accelerate", "calibration", "auto_candidates",
+                 "latency_slo_ms")
 # How `--model` is written, for its help and its errors: every option of MODEL_OPTIONS, img_size for input_size.
-MODEL_OPTION_SYNTAX = "NAME=PATH" + "".join(f"[,{_o}=...]" for _o in ("size", "img_size", "backend", "num_classes",
-                                                                        "accelerate", "calibration", "latency_slo_ms"))
+MODEL_OPTION_SYNTAX = "NAME=PATH" + "".join(f"[,{_o}=...]" for _o in (
+    "size", "img_size", "backend", "num_classes", "accelerate", "calibration", "auto_candidates", "latency_slo_ms"))
 
 
 def parse_model_option(text: str, settings: ServiceSettings) -> ModelSpec:
@@ -353,11 +354,8 @@ def parse_model_option(text: str, settings: ServiceSettings) -> ModelSpec:
     name, sep, path = head.partition("=")
     if not sep or not name or not path:
         raise ValueError(f"--model {text!r}: expected {MODEL_OPTION_SYNTAX}")
-    fields: dict = {"name": name, "weights": Path(path), "device": settings.device, "fp16": settings.fp16,
-                    "backend": settings.backend, "size": settings.size, "input_size": settings.input_size,
-                    "accelerate": settings.accelerate, "calibration": settings.calibration,
-                    "weights_key": settings.weights_key,
-                    "triton": settings.triton_settings()}
+    fields: dict = {**settings.model_defaults(), "name": name, "weights": Path(path),
+                    "input_size": settings.input_size, "weights_key": settings.weights_key}
     for opt in options:
         key, sep, value = opt.partition("=")
         key = _OPTION_ALIASES.get(key.strip(), key.strip())
@@ -405,9 +403,7 @@ def repository_specs(root: Path, settings: ServiceSettings | None = None) -> lis
         raise ValueError(f"{root}: model repository not found")
     base: dict = {}
     if settings is not None:
-        base = {"device": settings.device, "fp16": settings.fp16, "size": settings.size, "backend": settings.backend,
-                "accelerate": settings.accelerate, "calibration": settings.calibration,
-                "triton": settings.triton_settings()}
+        base = settings.model_defaults()
     specs = []
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and re.match(r"^[\w.-]+$", p.name)),

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.config import SIZES
 from service.faults import FaultInjection
@@ -18,6 +18,26 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_t
 BACKENDS = ("torch", "onnx", "triton")
 ACCELERATE_FIELD = Field(None, pattern=r"^(auto|eager|inductor|onnxruntime|openvino|torchscript|onednn|cudagraph"
                                        r"|openvino-bf16|openvino-int8)$")
+
+
+AUTO_CANDIDATES = ("eager", "inductor", "onnxruntime", "openvino")  # model.inference.runner_choice.CANDIDATES
+
+
+def parse_auto_candidates(v: object) -> tuple[str, ...] | None:
+    """`auto`'s field: a list, or one string of names joined by `,` or `+` (`RTMDET_AUTO_CANDIDATES=eager,openvino`;
+    `--model ...,auto_candidates=eager+openvino`, where commas separate options). Eager is always measured: it is
+    the reference every other candidate is checked against."""
+    if v is None:
+        return None
+    names = v.replace("+", ",").split(",") if isinstance(v, str) else list(v)
+    names = [str(n).strip() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in AUTO_CANDIDATES]
+    if unknown or not names:
+        raise ValueError(f"auto candidates {unknown or names!r}: choose from {', '.join(AUTO_CANDIDATES)}")
+    return tuple(dict.fromkeys(["eager", *names]))
+
+
+AutoCandidates = Annotated[tuple[str, ...] | None, NoDecode]
 
 
 def known_size(v: str) -> str:
@@ -65,6 +85,10 @@ class ModelSpec(BaseModel):
     accelerate: str | None = ACCELERATE_FIELD
     # `openvino-int8`'s calibration images: a folder of real images like those served (model.inference.low_precision).
     calibration: Path | None = None
+    # `auto`'s field (None: all of AUTO_CANDIDATES) and the file that keeps its measurements across restarts
+    # (model.inference.choice_store; None: measured at every start).
+    auto_candidates: AutoCandidates = None
+    auto_choices_file: Path | None = None
     weights_key: Literal["ema", "raw"] = "ema"  # which weights of a training checkpoint (model.checkpoint)
     class_names: list[str] | None = None
     num_classes: int | None = Field(None, ge=1)  # pinned: a file with another class count is refused
@@ -74,6 +98,7 @@ class ModelSpec(BaseModel):
 
     _known_size = field_validator("size")(known_size)
     _known_backend = field_validator("backend")(known_backend)
+    _auto_candidates = field_validator("auto_candidates", mode="before")(parse_auto_candidates)
 
 
 class ServiceSettings(BaseSettings):
@@ -90,6 +115,8 @@ class ServiceSettings(BaseSettings):
     fp16: bool = False
     accelerate: str | None = ACCELERATE_FIELD  # see ModelSpec.accelerate
     calibration: Path | None = None  # see ModelSpec.calibration
+    auto_candidates: AutoCandidates = None  # see ModelSpec.auto_candidates
+    auto_choices_file: Path | None = None  # see ModelSpec.auto_choices_file
     # None: the checkpoint's training size (meta `img_size`), else 640.
     input_size: int | None = Field(None, ge=32, le=4096)
     class_names: list[str] | None = None  # override the checkpoint's class names
@@ -162,6 +189,7 @@ class ServiceSettings(BaseSettings):
 
     _known_size = field_validator("size")(known_size)
     _known_backend = field_validator("backend")(known_backend)
+    _auto_candidates = field_validator("auto_candidates", mode="before")(parse_auto_candidates)
 
     @model_validator(mode="after")
     def _size_of_zoo_name(self) -> ServiceSettings:
@@ -188,9 +216,15 @@ class ServiceSettings(BaseSettings):
                               health_timeout_s=self.triton_health_timeout_s,
                               startup_timeout_s=self.triton_startup_timeout_s)
 
+    def model_defaults(self) -> dict:
+        """What every model spec takes from the service's settings unless it says otherwise (`--model` options,
+        a repository version's config)."""
+        return {"device": self.device, "fp16": self.fp16, "backend": self.backend, "size": self.size,
+                "accelerate": self.accelerate, "calibration": self.calibration,
+                "auto_candidates": self.auto_candidates, "auto_choices_file": self.auto_choices_file,
+                "triton": self.triton_settings()}
+
     def default_spec(self) -> ModelSpec:
         """The model served when neither --model nor a repository is given (RTMDET_WEIGHTS, the shipped one)."""
-        return ModelSpec(name=self.model_name, weights=self.weights, size=self.size, backend=self.backend,
-                         input_size=self.input_size, device=self.device, fp16=self.fp16, accelerate=self.accelerate,
-                         calibration=self.calibration, weights_key=self.weights_key, class_names=self.class_names,
-                         triton=self.triton_settings())
+        return ModelSpec(**self.model_defaults(), name=self.model_name, weights=self.weights,
+                         input_size=self.input_size, weights_key=self.weights_key, class_names=self.class_names)

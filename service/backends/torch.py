@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from model.checkpoint import CheckpointError
 from model.classes import COCO_CLASSES
-from model.inference.detector import file_sha256, load_torch_network, resolve_device
+from model.inference.detector import AUTO_CANDIDATES, file_sha256, load_torch_network, resolve_device
 from model.inference.torch_runner import TorchRunner
 from service.errors import BackendUnavailable
 from service.settings import ModelSpec
@@ -22,6 +22,8 @@ def build(spec: ModelSpec) -> TorchRunner:
             raise ValueError(f"{len(names)} class names for a model with {network.num_classes} classes")
         return TorchRunner(network, names or list(COCO_CLASSES), resolve_device(spec.device), fp16=spec.fp16,
                            accelerate=spec.accelerate, calibration=spec.calibration,
+                           auto_candidates=spec.auto_candidates or AUTO_CANDIDATES,
+                           auto_choices_file=spec.auto_choices_file,
                            weights_sha256=file_sha256(weights),
                            input_size=int(meta.get("img_size", 640)))
     except (CheckpointError, ValueError, OSError) as exc:
