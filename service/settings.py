@@ -40,6 +40,15 @@ def parse_auto_candidates(v: object) -> tuple[str, ...] | None:
 AutoCandidates = Annotated[tuple[str, ...] | None, NoDecode]
 
 
+def choices_file(v: object) -> object:
+    """An empty `RTMDET_AUTO_CHOICES_FILE=` is unset (not the current folder); a folder is refused at start-up."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    if Path(v).is_dir():
+        raise ValueError(f"{v} is a folder: name a file in it (e.g. {Path(v) / 'auto-choices.json'})")
+    return v
+
+
 def known_size(v: str) -> str:
     if v not in SIZES:
         raise ValueError(f"unknown size {v!r}; choose one of {', '.join(SIZES)}")
@@ -99,6 +108,7 @@ class ModelSpec(BaseModel):
     _known_size = field_validator("size")(known_size)
     _known_backend = field_validator("backend")(known_backend)
     _auto_candidates = field_validator("auto_candidates", mode="before")(parse_auto_candidates)
+    _choices_file = field_validator("auto_choices_file", mode="before")(choices_file)
 
 
 class ServiceSettings(BaseSettings):
@@ -190,6 +200,7 @@ class ServiceSettings(BaseSettings):
     _known_size = field_validator("size")(known_size)
     _known_backend = field_validator("backend")(known_backend)
     _auto_candidates = field_validator("auto_candidates", mode="before")(parse_auto_candidates)
+    _choices_file = field_validator("auto_choices_file", mode="before")(choices_file)
 
     @model_validator(mode="after")
     def _size_of_zoo_name(self) -> ServiceSettings:

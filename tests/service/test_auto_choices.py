@@ -38,6 +38,14 @@ def test_candidates_from_the_environment_and_per_model(monkeypatch):
         ServiceSettings()
 
 
+def test_an_empty_choices_file_setting_is_unset_and_a_folder_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("RTMDET_AUTO_CHOICES_FILE", "")
+    assert ServiceSettings().auto_choices_file is None  # not Path("") == the current folder
+    monkeypatch.setenv("RTMDET_AUTO_CHOICES_FILE", str(tmp_path))
+    with pytest.raises(ValueError, match="is a folder: name a file in it"):
+        ServiceSettings()
+
+
 def test_a_repository_version_names_its_candidates_in_its_config(tmp_path):
     version = tmp_path / "shapes" / "1"
     version.mkdir(parents=True)
