@@ -133,9 +133,11 @@ class DetectionService:
             return ModelInfo(name="", size=slot.spec.size, version="", classes=[], input_size=0, device="", dtype="",
                              weights_sha256=None, backend=slot.spec.backend, **base)
         i = v.detector.info
+        choice = v.detector.auto_choice
         return ModelInfo(name=i.name, size=i.size, version=v.version, classes=list(v.detector.class_names),
                          input_size=v.detector.input_size, device=i.device, dtype=i.dtype,
-                         weights_sha256=i.weights_sha256, backend=i.backend, **base)
+                         weights_sha256=i.weights_sha256, backend=i.backend, runner=i.accelerate or i.backend,
+                         runner_choice=choice.summary() if choice is not None else None, **base)
 
     def model_list(self) -> ModelList:
         return ModelList(default=self.registry.default_name, models=[self.model_info(n) for n in self.registry.names()])

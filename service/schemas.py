@@ -87,6 +87,10 @@ class ModelInfo(BaseModel):
     default: bool = False
     weights: str = ""
     error: str | None = None
+    runner: str = Field("", description="what runs the network: eager, inductor, onnxruntime, openvino, cudagraph, "
+                                        "a+b (auto: each batch size on its winner), or the backend (onnx, triton)")
+    runner_choice: str | None = Field(None, description="with accelerate=auto: every candidate's measured times and "
+                                                        "the winners, or where a reused measurement came from")
 
 
 class ModelList(BaseModel):

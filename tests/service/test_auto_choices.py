@@ -11,7 +11,7 @@ from svc_helpers import REPO, ServerProcess, jpeg
 from model.inference import runner_choice
 from model.inference.choice_store import FORMAT
 from model.inference.detector import load_image
-from service.client import HttpDetectorClient
+from service.client import GrpcDetectorClient, HttpDetectorClient
 from service.registry import parse_model_option, repository_specs
 from service.settings import AUTO_CANDIDATES, ServiceSettings
 
@@ -70,8 +70,15 @@ def test_a_restarted_server_reuses_the_measurement_saved_by_the_first(tmp_path):
             srv.wait_ready()
             with HttpDetectorClient(srv.http) as client:
                 answers.append(client.detect(body)["detections"])
+                info = client.model()
+            with GrpcDetectorClient(srv.grpc) as client:
+                grpc_info = client.model()
         log = (tmp_path / f"{name}.log").read_text()
         (line,) = [ln for ln in log.splitlines() if "auto runner: " in ln]
+        # What runs and why, as the operator sees it: the same on both protocols, the log's own summary.
+        assert info["runner"] in ("eager", "onnxruntime", "eager+onnxruntime", "onnxruntime+eager")
+        assert info["runner_choice"] in line and info["runner_choice"].startswith(f"auto runner: {info['runner']} (")
+        assert (grpc_info["runner"], grpc_info["runner_choice"]) == (info["runner"], info["runner_choice"])
         assert "medians at batch 1/2" in line and "onnxruntime" in line, line
         if name == "first":
             assert "reused" not in line, line

@@ -78,6 +78,7 @@ def test_stream_answers_every_frame_in_order(client, detector, photos):
 def test_model_info(client, checkpoint):
     info = client.model()
     assert info["classes"] == CLASS_NAMES and info["input_size"] == INPUT_SIZE and info["backend"] == "torch"
+    assert (info["runner"], info["runner_choice"]) == ("eager", "")
 
 
 def code_of(call) -> grpc.StatusCode:
