@@ -21,7 +21,7 @@ import multiprocessing as mp
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -121,6 +121,10 @@ class ClientJob:
     max_requests: int
     backoff_s: float  # pause after a refusal (a polite client honouring Retry-After would wait longer)
     offset: int = 0
+    # Keep going past end_s until this many answers (bounded by until_s from the start): the recovery probe, so
+    # that "accepted again" gets enough answers to judge on a slow machine, where one batch may take seconds.
+    min_ok: int = 0
+    until_s: float = 0.0
 
 
 def _outcome_http(client: httpx.Client, job: ClientJob, i: int) -> tuple[str, float]:
@@ -171,13 +175,16 @@ def run_client(job: ClientJob, out: mp.Queue, ready, go) -> None:
         time.sleep(max(go.value + job.begin_s - time.time(), 0.0))
         stop_at = go.value + job.end_s
         n = 0
-        while time.time() < stop_at and n < job.max_requests:
+        hard_stop = go.value + max(job.end_s, job.until_s)
+        oks = 0
+        while n < job.max_requests and (time.time() < stop_at or (oks < job.min_ok and time.time() < hard_stop)):
             i = (job.offset + n) % len(job.payloads)
             t0 = time.time()
             outcome, server_ms = call(client, job, i)
             t1 = time.time()
             records.append((t1, t1 - t0, outcome, server_ms))
             n += 1
+            oks += outcome == "ok"
             if outcome == "refused":
                 time.sleep(job.backoff_s)
     finally:
@@ -187,9 +194,10 @@ def run_client(job: ClientJob, out: mp.Queue, ready, go) -> None:
 
 def run_clients(server: Server, protocols: list[str], payloads, wants, threshold: float, duration_s: float,
                 max_requests: int, backoff_s: float, api_key: str | None = None,
-                probe_s: float = 0.0) -> tuple[float, list]:
+                probe_s: float = 0.0, probe_min_ok: int = 0, probe_max_s: float = 0.0) -> tuple[float, list]:
     """All clients at once; returns (start time, [(protocol, t_end, latency, outcome, server_ms), ...]). With `probe_s`,
-    one more HTTP client ("probe") starts the moment the others stop and runs alone for `probe_s`."""
+    one more HTTP client ("probe") starts the moment the others stop and runs alone for `probe_s`, and on until it
+    has `probe_min_ok` answers, `probe_max_s` at the most."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     ready, go = ctx.Value("i", 0), ctx.Value("d", 0.0)
@@ -200,6 +208,8 @@ def run_clients(server: Server, protocols: list[str], payloads, wants, threshold
     for k, (proto, t0, t1) in enumerate(windows):
         job = ClientJob(proto, server.grpc if proto == "grpc" else server.http, api_key, payloads, wants, threshold,
                         t0, t1, max_requests, backoff_s, offset=k)
+        if proto == "probe":
+            job = replace(job, min_ok=probe_min_ok, until_s=duration_s + max(probe_s, probe_max_s))
         p = ctx.Process(target=run_client, args=(job, out, ready, go), daemon=True)
         p.start()
         procs.append(p)
@@ -213,7 +223,7 @@ def run_clients(server: Server, protocols: list[str], payloads, wants, threshold
     go.value = start
     results = []
     for _ in procs:
-        proto, records = out.get(timeout=duration_s + probe_s + 300)
+        proto, records = out.get(timeout=duration_s + max(probe_s, probe_max_s) + 300)
         results += [(proto, *r) for r in records]
     for p in procs:
         p.join(timeout=30)
@@ -324,7 +334,8 @@ def overload(args) -> dict:
     server, payloads, wants, protocols = start_run(args, "overload")
     try:
         start, everything = run_clients(server, protocols, payloads, wants, args.threshold, args.duration_s,
-                                        args.max_requests, backoff_s=args.backoff_s, probe_s=args.recovery_s)
+                                        args.max_requests, backoff_s=args.backoff_s, probe_s=args.recovery_s,
+                                        probe_min_ok=args.recovery_min_ok, probe_max_s=args.recovery_max_s)
         results = [r for r in everything if r[0] != "probe"]
         after = [r for r in everything if r[0] == "probe"]
         batches = server.metric("rtmdet_batch_size_count")
@@ -376,6 +387,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-size", type=int, default=320)
     p.add_argument("--threshold", type=float, default=0.3)
     p.add_argument("--recovery-s", type=float, default=5.0, help="overload: one client alone afterwards, for this long")
+    p.add_argument("--recovery-min-ok", type=int, default=0,
+                   help="overload: the lone client goes on past --recovery-s until this many answers ...")
+    p.add_argument("--recovery-max-s", type=float, default=60.0, help="... for this long at the most")
     p.add_argument("--backoff-s", type=float, default=0.1, help="overload: a client's pause after a 503")
     p.add_argument("--weights", help="default: the service tests' deterministic tiny checkpoint")
     p.add_argument("--out", type=Path)

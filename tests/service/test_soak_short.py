@@ -26,7 +26,8 @@ def test_short_soak_both_protocols_every_answer_right(seconds, clients):
 def test_overload_sheds_fast_keeps_accepted_latency_bounded_and_recovers(seconds, clients):
     report = soak.overload(soak.parse_args(["overload", "--duration-s", str(seconds), "--http-clients", str(clients),
                                             "--grpc-clients", str(clients), "--max-batch-size", "2",
-                                            "--max-queue-size", "4", "--recovery-s", "4"]))
+                                            "--max-queue-size", "4", "--recovery-s", "4",
+                                            "--recovery-min-ok", "3", "--recovery-max-s", "60"]))
     assert report["wrong"] == 0 and report["errors"] == 0, report["outcomes"]
     assert report["latency_refused"]["n"] > report["latency_accepted"]["n"] > 0, report
     assert report["latency_refused"]["p95_ms"] < 250, report["latency_refused"]  # shed fast
@@ -35,7 +36,9 @@ def test_overload_sheds_fast_keeps_accepted_latency_bounded_and_recovers(seconds
     # Client-side latency also holds connection and scheduling waits; it is reported, not bounded here.
     assert report["server_latency_accepted"]["p99_ms"] < report["queue_bound_p99_ms"] + 1000, report
     rec = report["recovery"]
-    # Once the requests already queued have drained, every request is accepted again, and quickly.
+    # Once the requests already queued have drained, every request is accepted again, and quickly. The probe goes on
+    # past its 4 s until it has 3 answers: on a 2-core AVX2 EPYC one overloaded batch took up to 2.5 s (p99), and
+    # the probe's first answer came 4.8 s after the overload, within the bound below, leaving no time for more.
     assert rec["first_ok_after_overload_ms"] < report["queue_bound_p99_ms"] + 1000, rec
     assert rec["outcomes"].get("probe:ok", 0) >= 3 and rec["latency"]["p50_ms"] < report["batch_p99_upper_ms"] + 500
     after_first_ok = rec["sequence"][rec["sequence"].index("ok"):]
