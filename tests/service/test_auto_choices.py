@@ -57,7 +57,7 @@ def test_a_repository_version_names_its_candidates_in_its_config(tmp_path):
 
 
 def start(tmp_path, name: str, choices) -> ServerProcess:
-    return ServerProcess(WEIGHTS, tmp_path / f"{name}.log", RTMDET_ACCELERATE="auto", RTMDET_MAX_BATCH_SIZE="2",
+    return ServerProcess(WEIGHTS, tmp_path / f"{name}.log", RTMDET_ACCELERATE="auto", RTMDET_MAX_BATCH_SIZE="1",
                          RTMDET_AUTO_CANDIDATES="onnxruntime", RTMDET_AUTO_CHOICES_FILE=str(choices))
 
 
@@ -79,7 +79,7 @@ def test_a_restarted_server_reuses_the_measurement_saved_by_the_first(tmp_path):
         assert info["runner"] in ("eager", "onnxruntime", "eager+onnxruntime", "onnxruntime+eager")
         assert info["runner_choice"] in line and info["runner_choice"].startswith(f"auto runner: {info['runner']} (")
         assert (grpc_info["runner"], grpc_info["runner_choice"]) == (info["runner"], info["runner_choice"])
-        assert "medians at batch 1/2" in line and "onnxruntime" in line, line
+        assert "medians at batch 1," in line and "onnxruntime" in line, line
         if name == "first":
             assert "reused" not in line, line
             entries = json.loads(choices.read_text())["entries"]
