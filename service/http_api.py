@@ -241,7 +241,7 @@ async def run_detection(request: Request, service: DetectionService, model: str,
     images, several, deadline = await read_upload(request, service, query)
     if several:
         raise NotAnImage("this route renders one image; send a single `image` part")
-    return await service.detect_encoded(model, images[0], query, deadline)
+    return await service.detect_encoded(model, images[0], query, deadline, full_size=True)
 
 
 async def detect_one_or_many(request: Request, service: DetectionService, model: str, query: DetectQuery):

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from model.config import PAD_VALUE
+from model.inference.preprocess import resized_shape
 from service.errors import InvalidRequest
 
 SUPPORTED_FORMATS = ("jpeg", "png", "webp", "bmp")
@@ -26,6 +28,10 @@ ACCEPTED_CONTENT_TYPES = frozenset({"image/jpeg", "image/jpg", "image/pjpeg", "i
 _OTHER_SIGNATURES = ((b"GIF87a", "gif"), (b"GIF89a", "gif"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"),
                      (b"%PDF", "pdf"), (b"\x00\x00\x01\x00", "ico"), (b"8BPS", "psd"), (b"\xff\x0a", "jpeg-xl"),
                      (b"\x00\x00\x00\x0cJXL ", "jpeg-xl"))
+
+
+# EXIF orientations that `exif_transpose` undoes with a transpose or a quarter turn: width and height swap.
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 class ImageError(InvalidRequest):
@@ -98,8 +104,42 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise TooManyPixels(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded request image and the size of the upright original it stands for.
+
+    `image` is smaller than `height` x `width` when a JPEG was decoded at a reduced scale (`fit=`): boxes are
+    still reported in the original's pixels, by scaling with `original / decoded`."""
+
+    image: np.ndarray  # H x W x 3 uint8 BGR, upright
+    height: int
+    width: int
+
+    @classmethod
+    def full(cls, image: np.ndarray) -> DecodedImage:
+        return cls(image, int(image.shape[0]), int(image.shape[1]))
+
+    @property
+    def reduced(self) -> bool:
+        return (self.image.shape[0], self.image.shape[1]) != (self.height, self.width)
+
+    @property
+    def scale(self) -> str:
+        """"1", or "1/2", "1/4", "1/8" for a reduced decode (libjpeg rounds the scaled sides up)."""
+        factor = round(max(self.height, self.width) / max(self.image.shape[:2]))
+        return "1" if not self.reduced or factor <= 1 else f"1/{factor}"
+
+
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
     """Encoded JPEG/PNG/WebP/BMP bytes -> H x W x 3 uint8 BGR, upright (EXIF orientation applied)."""
+    return decode_image_to_fit(data, max_bytes, max_pixels, None).image
+
+
+def decode_image_to_fit(data: bytes, max_bytes: int, max_pixels: int, fit: int | None) -> DecodedImage:
+    """`decode_image`; with `fit` (the network's input size), a JPEG at least twice as large as its letterboxed
+    size on both sides is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaled IDCT), never below
+    that letterboxed size. A 12-megapixel photo then costs about a quarter of its full decode and a sixteenth of
+    its memory, and the resize to the input size starts from an image already anti-aliased by the scaling."""
     if len(data) > max_bytes:
         raise ImageTooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
     fmt = sniff_format(data)
@@ -113,14 +153,24 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
     except Exception as exc:  # PIL raises several types for garbage headers
         raise CorruptImage(f"cannot read the {fmt} header: {exc}") from None
     check_pixels(img.width, img.height, max_pixels)
+    stored_w, stored_h = img.size
+    if fit is not None and fmt == "jpeg":
+        # Letterboxing's long-side rule is the same for the stored and the upright orientation.
+        nh, nw = resized_shape(stored_h, stored_w, fit)
+        try:
+            img.draft(None, (nw, nh))  # picks the largest 1/s scale that keeps both sides >= (nw, nh)
+        except Exception as exc:  # a header PIL opened but cannot scale: the same answer as a failed load
+            raise CorruptImage(f"corrupt or truncated {fmt} image: {exc}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
+            swap = img.getexif().get(ExifTags.Base.Orientation, 1) in SWAPPING_ORIENTATIONS
             img = ImageOps.exif_transpose(img)
     except Exception as exc:  # truncated or corrupt pixel data
         raise CorruptImage(f"corrupt or truncated {fmt} image: {exc}") from None
-    return _to_bgr(img)
+    height, width = (stored_w, stored_h) if swap else (stored_h, stored_w)
+    return DecodedImage(_to_bgr(img), height, width)
 
 
 def _to_bgr(img: Image.Image) -> np.ndarray:

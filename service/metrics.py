@@ -37,6 +37,10 @@ class ServiceMetrics:
         self.stage_latency = Histogram("rtmdet_stage_duration_seconds",
                                        "Time per pipeline stage (inference and postprocess are per batch)",
                                        ["stage", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.decode_scale = Counter("rtmdet_images_decoded_total",
+                                    "Request images by the scale they were decoded at: 1 whole, or 1/2, 1/4, 1/8 "
+                                    "for a large JPEG decoded reduced (RTMDET_REDUCED_DECODE)", ["scale", "model"],
+                                    registry=r)
         self.batch_size = Histogram("rtmdet_batch_size", "Images per inference batch", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("rtmdet_queue_depth", "Requests admitted and waiting for an inference batch",
@@ -109,11 +113,15 @@ class ModelMetrics:
         self.batch_actual = metrics.batch_actual.labels(model=model)
         self.batch_time_margin = metrics.batch_time_margin.labels(model=model)
         self._dropped = metrics.dropped
+        self._decode_scale = metrics.decode_scale
         self._refused = metrics.refused
         self._stages = {stage: metrics.stage_latency.labels(stage=stage, model=model) for stage in STAGES}
 
     def drop(self, reason: str) -> None:
         self._dropped.labels(reason=reason, model=self.model).inc()
+
+    def decoded(self, scale: str) -> None:
+        self._decode_scale.labels(scale=scale, model=self.model).inc()
 
     def refuse(self, reason: str) -> None:
         self._refused.labels(reason=reason, model=self.model).inc()

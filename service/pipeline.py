@@ -18,7 +18,7 @@ from model.inference.detections import Detections, DetectParams
 from service import logs
 from service.batcher import StageTimes
 from service.errors import DeadlineExceeded, InvalidRequest, ServiceError, TooManyImages
-from service.imaging import decode_image, raw_to_bgr
+from service.imaging import DecodedImage, decode_image_to_fit, raw_to_bgr
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry, ModelVersion
 from service.schemas import DetectQuery, ModelInfo, ModelList
@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DetectOutcome:
-    detections: Detections
-    image: np.ndarray  # the decoded BGR image (for rendering)
+    detections: Detections  # in the original image's pixels
+    decoded: DecodedImage  # the BGR image as decoded (smaller than the original after a reduced JPEG decode)
     times: StageTimes
     started: float  # time.perf_counter() when the request reached the pipeline
     model: str
@@ -39,12 +39,16 @@ class DetectOutcome:
     size: str
 
     @property
+    def image(self) -> np.ndarray:
+        return self.decoded.image
+
+    @property
     def height(self) -> int:
-        return int(self.image.shape[0])
+        return self.decoded.height
 
     @property
     def width(self) -> int:
-        return int(self.image.shape[1])
+        return self.decoded.width
 
 
 class DetectionService:
@@ -177,19 +181,24 @@ class DetectionService:
         return list(results)
 
     async def detect_encoded(self, model: str | None, data: bytes, query: DetectQuery,
-                             deadline: float | None, index: int | None = None) -> DetectOutcome:
+                             deadline: float | None, index: int | None = None,
+                             full_size: bool = False) -> DetectOutcome:
+        """`full_size`: decode every pixel even where a reduced JPEG decode would do (the render routes draw
+        on the image, and answer at the size that was sent)."""
         s = self.settings
-        return await self._detect(model, lambda: decode_image(data, s.max_upload_bytes, s.max_image_pixels), query,
-                                  deadline, index)
+        reduce = s.reduced_decode and not full_size
+        return await self._detect(model, lambda fit: decode_image_to_fit(data, s.max_upload_bytes, s.max_image_pixels,
+                                                                         fit if reduce else None),
+                                  query, deadline, index)
 
     async def detect_raw(self, model: str | None, data: bytes, height: int, width: int, channels: int,
                          rgb_order: bool, query: DetectQuery, deadline: float | None,
                          index: int | None = None) -> DetectOutcome:
         s = self.settings
-        return await self._detect(model, lambda: raw_to_bgr(data, height, width, channels, rgb_order,
-                                                            s.max_image_pixels), query, deadline, index)
+        return await self._detect(model, lambda fit: DecodedImage.full(
+            raw_to_bgr(data, height, width, channels, rgb_order, s.max_image_pixels)), query, deadline, index)
 
-    async def _detect(self, model: str | None, decode: Callable[[], np.ndarray], query: DetectQuery,
+    async def _detect(self, model: str | None, decode: Callable[[int], DecodedImage], query: DetectQuery,
                       deadline: float | None, index: int | None = None) -> DetectOutcome:
         if self.tracer is None:
             return await self._detect_untraced(model, decode, query, deadline)
@@ -206,7 +215,7 @@ class DetectionService:
         span.finish(out.version, len(out.detections.scores))
         return out
 
-    async def _detect_untraced(self, model: str | None, decode: Callable[[], np.ndarray], query: DetectQuery,
+    async def _detect_untraced(self, model: str | None, decode: Callable[[int], DecodedImage], query: DetectQuery,
                                deadline: float | None, span=None) -> DetectOutcome:
         started = time.perf_counter()
         # Draining does not refuse: a request that reached us was accepted before the listeners closed,
@@ -223,7 +232,7 @@ class DetectionService:
             try:
                 try:
                     decode_start = time.time()
-                    image, batch, infos = await asyncio.get_running_loop().run_in_executor(
+                    decoded, batch, infos = await asyncio.get_running_loop().run_in_executor(
                         self.pool, self._decode_and_letterbox, version, decode, times)
                 except asyncio.CancelledError:  # the caller went away (or its gRPC deadline passed) while decoding
                     mm.drop("cancelled")
@@ -242,7 +251,7 @@ class DetectionService:
                     span.stages(times, decode_start if times.decode or times.preprocess else None, enqueued)
                 logs.record_stages(version.name, stage_ms(times))
             info = version.detector.info
-            return DetectOutcome(dets, image, times, started, version.name, version.version, info.name, info.size)
+            return DetectOutcome(dets, decoded, times, started, version.name, version.version, info.name, info.size)
 
     def _trace_batches(self, version: ModelVersion, span) -> None:
         """Make this version's batcher write batch spans (its hook; set once per version, here because
@@ -253,19 +262,20 @@ class DetectionService:
             version.batcher.on_batch = BatchSpans(self.tracer, version.name)
 
     @staticmethod
-    def _decode_and_letterbox(version: ModelVersion, decode: Callable[[], np.ndarray], times: StageTimes):
+    def _decode_and_letterbox(version: ModelVersion, decode: Callable[[int], DecodedImage], times: StageTimes):
         t0 = time.perf_counter()
-        image = decode()
+        decoded = decode(version.detector.input_size)
         t1 = time.perf_counter()
-        batch, infos = version.detector.preprocess([image])
+        batch, infos = version.detector.preprocess([decoded.image])
+        if decoded.reduced:
+            infos = [infos[0].for_original(decoded.height, decoded.width)]
         t2 = time.perf_counter()
         times.decode, times.preprocess = t1 - t0, t2 - t1
         mm = version.batcher.metrics
         mm.observe_stage("decode", times.decode)
         mm.observe_stage("preprocess", times.preprocess)
-        return image, batch, infos
-
-
+        mm.decoded(decoded.scale)
+        return decoded, batch, infos
 
 
 def stage_ms(t: StageTimes) -> dict:

@@ -189,6 +189,9 @@ class ServiceSettings(BaseSettings):
     # Input limits and access.
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    # A JPEG at least twice the network's input on both sides is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
+    # scaled IDCT, never below the letterboxed size), boxes still in the original's pixels; false: full decode.
+    reduced_decode: bool = True
     max_images_per_request: int = Field(16, ge=1, le=256)  # images in one multipart POST or DetectBatch
     api_key: SecretStr | None = None
     cors_origins: list[str] = Field(default_factory=list)  # empty: CORS off

@@ -23,6 +23,11 @@ class LetterboxInfo:
     scale_w: float  # resized width / original width
     scale_h: float
 
+    def for_original(self, height: int, width: int) -> LetterboxInfo:
+        """This letterbox seen from the `height` x `width` original that the letterboxed image was scaled
+        from (a JPEG decoded at reduced scale), so that boxes map back to the original's pixels."""
+        return LetterboxInfo(height, width, self.scale_w * self.orig_w / width, self.scale_h * self.orig_h / height)
+
 
 def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
     """MMDetection's keep-ratio rule: long side to `size`, rounded half up."""
