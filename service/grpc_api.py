@@ -47,9 +47,8 @@ def response_from(out: DetectOutcome, request_id: str) -> pb.DetectResponse:
     return pb.DetectResponse(
         width=out.width, height=out.height, request_id=request_id,
         model=pb.ModelSummary(name=out.network, size=out.size, version=out.version, model=out.model),
-        detections=[pb.Detection(box=pb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]), score=float(s), label=int(lbl),
-                                 class_name=n)
-                    for b, s, lbl, n in zip(d.boxes.tolist(), d.scores, d.labels, d.class_names)],
+        detections=[pb.Detection(box=pb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]), score=s, label=lbl, class_name=n)
+                    for b, s, lbl, n in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist(), d.class_names)],
         timing=pb.Timing(decode_ms=t.decode * ms, preprocess_ms=t.preprocess * ms, queue_ms=t.queue_wait * ms,
                          inference_ms=t.inference * ms, postprocess_ms=t.postprocess * ms,
                          total_ms=(time.perf_counter() - out.started) * ms, batch_size=t.batch_size))

@@ -149,3 +149,27 @@ def test_letterbox_matches_mmdetection_resize_rule():
     assert resized_shape(427, 640, 640) == (427, 640)
     assert resized_shape(500, 375, 640) == (640, 480)
     assert resized_shape(100, 333, 640) == (192, 640)
+
+
+def test_detections_to_list_rounds_like_python_and_gives_plain_types():
+    from model.inference.detections import Detections
+
+    rng = np.random.default_rng(3)
+    boxes = (rng.random((500, 4)) * 4000).astype(np.float32)
+    scores = rng.random(500).astype(np.float32)
+    labels = rng.integers(0, 80, 500)
+    out = Detections(boxes, scores, labels, [f"c{i}" for i in labels]).to_list()
+    assert [d["box"] for d in out] == [[round(float(v), 2) for v in b] for b in boxes]
+    assert [d["score"] for d in out] == [round(float(s), 4) for s in scores]
+    assert all(type(d["label"]) is int and type(d["score"]) is float for d in out)
+    assert [d["class_name"] for d in out] == [f"c{i}" for i in labels]
+    empty = Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), [])
+    assert empty.to_list() == []
+
+
+def test_letterbox_info_for_original_maps_a_reduced_images_boxes_to_the_original():
+    # A 1280 x 960 original decoded at 1/4 (320 x 240), letterboxed to 160: 160 x 120 on the canvas.
+    _, info = letterbox(np.zeros((240, 320, 3), np.uint8), 160)
+    full = info.for_original(960, 1280)
+    assert (full.orig_h, full.orig_w) == (960, 1280)
+    assert full.scale_w == pytest.approx(160 / 1280) and full.scale_h == pytest.approx(120 / 960)
