@@ -43,15 +43,14 @@ from model import Detector, TestConfig  # noqa: E402
 from model.data.coco_eval import evaluate_coco  # noqa: E402
 from model.data.shapes import make_shapes_dataset  # noqa: E402
 from service.imaging import DecodedImage, decode_image_to_fit  # noqa: E402
+from service.pipeline import letterbox_decoded  # noqa: E402
 from service.settings import DEFAULT_WEIGHTS  # noqa: E402
 
 NO_LIMIT = 1 << 40
 
 
 def detect(det: Detector, decoded: DecodedImage):
-    batch, infos = det.preprocess([decoded.image])
-    if decoded.reduced:
-        infos = [infos[0].for_original(decoded.height, decoded.width)]
+    batch, infos = letterbox_decoded(det, decoded)  # the service's own step
     d = det.postprocess(det.forward(batch), infos, TestConfig(input_size=det.input_size))[0]  # evaluation thresholds
     return d.boxes, d.scores, d.labels
 

@@ -13,8 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from model.inference.detections import Detections, DetectParams
+from model.inference.detector import Detector
+from model.inference.preprocess import LetterboxInfo
 from service import logs
 from service.batcher import StageTimes
 from service.errors import DeadlineExceeded, InvalidRequest, ServiceError, TooManyImages
@@ -266,9 +269,7 @@ class DetectionService:
         t0 = time.perf_counter()
         decoded = decode(version.detector.input_size)
         t1 = time.perf_counter()
-        batch, infos = version.detector.preprocess([decoded.image])
-        if decoded.reduced:
-            infos = [infos[0].for_original(decoded.height, decoded.width)]
+        batch, infos = letterbox_decoded(version.detector, decoded)
         t2 = time.perf_counter()
         times.decode, times.preprocess = t1 - t0, t2 - t1
         mm = version.batcher.metrics
@@ -276,6 +277,15 @@ class DetectionService:
         mm.observe_stage("preprocess", times.preprocess)
         mm.decoded(decoded.scale)
         return decoded, batch, infos
+
+
+def letterbox_decoded(detector: Detector, decoded: DecodedImage) -> tuple[torch.Tensor, list[LetterboxInfo]]:
+    """One decoded image as a batch of 1, its letterbox info mapping boxes to the original's pixels (also after a
+    reduced JPEG decode)."""
+    batch, infos = detector.preprocess([decoded.image])
+    if decoded.reduced:
+        infos = [infos[0].for_original(decoded.height, decoded.width)]
+    return batch, infos
 
 
 def stage_ms(t: StageTimes) -> dict:
