@@ -29,17 +29,9 @@ class Detections:
 
 @dataclass(frozen=True)
 class DetectParams:
-    """What one image's caller asks for: the cut applied to its detections after NMS."""
+    """What one image's caller asks for: its score threshold and classes (applied to its candidates before NMS,
+    which leaves its other boxes' fate unchanged) and how many of the best it keeps."""
 
     score_threshold: float
     max_detections: int
     class_ids: frozenset[int] | None = None  # None: every class
-
-
-def filter_detections(dets: Detections, params: DetectParams) -> Detections:
-    """Score threshold, then classes, then the best `max_detections` (rows are sorted by score)."""
-    keep = dets.scores > params.score_threshold
-    if params.class_ids is not None:
-        keep &= np.isin(dets.labels, np.fromiter(params.class_ids, dtype=np.int64))
-    idx = np.flatnonzero(keep)[: params.max_detections]
-    return Detections(dets.boxes[idx], dets.scores[idx], dets.labels[idx], [dets.class_names[i] for i in idx])

@@ -2,8 +2,9 @@
 
 In: BGR uint8 images -> letterboxed uint8 batch (B, S, S, 3) plus one `LetterboxInfo` per image
 (normalisation happens inside the runner, on its device, so only uint8 ever crosses to an engine).
-Out: raw runner outputs -> decode (head maps) -> score filter, top-k, batched class-aware NMS ->
-original pixels -> per-image cut (`DetectParams`) -> one `Detections` per image.
+Out: raw runner outputs -> decode (head maps) -> score filter, top-k -> per-image cut (`DetectParams`:
+threshold, classes) -> class-aware NMS keeping each image's best -> original pixels -> one `Detections`
+per image.
 
 Like torchvision's `GeneralizedRCNNTransform`, one object owns both halves, so the eager network,
 its TorchScript/CUDA-graph forms, ONNX Runtime and Triton all give the same boxes for the same outputs.
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 
 from model.config import TestConfig
-from model.inference.detections import Detections, DetectParams, filter_detections
+from model.inference.detections import Detections, DetectParams
 from model.inference.device_preprocess import preprocess_jpegs
 from model.inference.postprocess import (
     BatchDetections,
+    Candidates,
     decoded_candidates,
     end_to_end_candidates,
     finish,
@@ -29,11 +31,28 @@ from model.inference.postprocess import (
 from model.inference.preprocess import LetterboxInfo, letterbox, stack_letterboxed
 from model.inference.runner import DecodedOutputs, EndToEndOutputs, HeadOutputs, RunnerOutputs
 
-# With per-image cuts, NMS runs once per batch at the lowest threshold asked and without a per-image cap;
-# each image is cut afterwards. Class-aware NMS is greedy by score, so boxes under an image's threshold, or
-# of classes it did not ask for, never change which of its boxes survive: the result equals running the
-# detector with that image's own settings.
-NO_CAP = 1_000_000
+# With per-image cuts, candidates are taken once per batch at the lowest threshold asked; each image's own
+# threshold and classes then drop its other candidates before NMS, and NMS keeps its own number. Class-aware
+# NMS is greedy by score, so boxes under an image's threshold, or of classes it did not ask for, never change
+# which of its boxes survive: the result equals running the detector with that image's own settings.
+
+
+def restrict(cand: Candidates, params: Sequence[DetectParams]) -> tuple[Candidates, torch.Tensor]:
+    """The candidates each image asked for (its threshold and classes), and each image's cap."""
+    device = cand.scores.device
+    thr = torch.tensor([p.score_threshold for p in params], device=device, dtype=cand.scores.dtype)
+    keep = cand.scores > thr[cand.image_index]
+    if any(p.class_ids is not None for p in params):
+        wanted = torch.ones(len(params), cand.num_classes, dtype=torch.bool)
+        for i, p in enumerate(params):
+            if p.class_ids is not None:
+                wanted[i] = False
+                ids = [c for c in p.class_ids if 0 <= c < cand.num_classes]
+                wanted[i, ids] = True
+        keep &= wanted.to(device)[cand.image_index, cand.labels]
+    caps = torch.tensor([p.max_detections for p in params], dtype=torch.long)
+    return Candidates(cand.image_index[keep], cand.boxes[keep], cand.scores[keep], cand.labels[keep],
+                      cand.num_classes), caps
 
 
 class DetectionTransform:
@@ -66,26 +85,29 @@ class DetectionTransform:
         """Detections per image. With `params` (one per image) each image gets its own cut; else `cfg`'s."""
         cfg = cfg or self.cfg
         if params is not None:
-            cfg = replace(cfg, score_thr=min(p.score_threshold for p in params), max_per_img=NO_CAP)
-        dets = self._decode(outputs, infos, cfg)
-        out = [self._detections(*parts) for parts in dets.split(len(infos))]
-        if params is None:
-            return out
-        return [filter_detections(d, p) for d, p in zip(out, params)]
+            cfg = replace(cfg, score_thr=min(p.score_threshold for p in params))
+        dets = self._decode(outputs, infos, cfg, params)
+        return [self._detections(*parts) for parts in dets.split(len(infos))]
 
-    def _decode(self, outputs: RunnerOutputs, infos: Sequence[LetterboxInfo], cfg: TestConfig) -> BatchDetections:
+    def _decode(self, outputs: RunnerOutputs, infos: Sequence[LetterboxInfo], cfg: TestConfig,
+                params: Sequence[DetectParams] | None) -> BatchDetections:
         first = outputs[0][0] if isinstance(outputs, HeadOutputs) else outputs[0]
         device = first.device
         scale = torch.tensor([[i.scale_w, i.scale_h] for i in infos], device=device)
         orig = torch.tensor([[i.orig_w, i.orig_h] for i in infos], device=device)
+        nms = True
         if isinstance(outputs, HeadOutputs):
-            return finish(head_candidates(outputs.cls_scores, outputs.bbox_preds, self.strides, cfg), scale, orig, cfg)
-        if isinstance(outputs, DecodedOutputs):
-            return finish(decoded_candidates(outputs.boxes, outputs.scores, cfg), scale, orig, cfg)
-        if isinstance(outputs, EndToEndOutputs):
-            cand = end_to_end_candidates(outputs.dets, outputs.labels, cfg, len(self.class_names))
-            return finish(cand, scale, orig, cfg, nms=False)
-        raise TypeError(f"unknown runner outputs {type(outputs).__name__}")
+            cand = head_candidates(outputs.cls_scores, outputs.bbox_preds, self.strides, cfg)
+        elif isinstance(outputs, DecodedOutputs):
+            cand = decoded_candidates(outputs.boxes, outputs.scores, cfg)
+        elif isinstance(outputs, EndToEndOutputs):
+            cand, nms = end_to_end_candidates(outputs.dets, outputs.labels, cfg, len(self.class_names)), False
+        else:
+            raise TypeError(f"unknown runner outputs {type(outputs).__name__}")
+        caps = None
+        if params is not None:
+            cand, caps = restrict(cand, params)
+        return finish(cand, scale, orig, cfg, nms=nms, caps=caps)
 
     def _detections(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> Detections:
         labels_np = labels.cpu().numpy().astype(np.int64)

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import torch
-from torchvision.ops import nms
+from torchvision.ops import batched_nms, nms
 
 from model.config import TestConfig
-from model.inference.postprocess import postprocess
+from model.inference.postprocess import ONE_CALL_MAX, PREFIX_MIN, best_per_image, nms_top, postprocess
 from model.inference.preprocess import letterbox, resized_shape
 
 STRIDES = (8, 16, 32)
@@ -173,3 +173,62 @@ def test_letterbox_info_for_original_maps_a_reduced_images_boxes_to_the_original
     full = info.for_original(960, 1280)
     assert (full.orig_h, full.orig_w) == (960, 1280)
     assert full.scale_w == pytest.approx(160 / 1280) and full.scale_h == pytest.approx(120 / 960)
+
+
+def crowded(counts, classes, seed, jitter=6.0, spread=20.0):
+    """Boxes around a few centres per image (so NMS suppresses a lot), distinct scores, random classes."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(counts)
+    img = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    centre = torch.randint(0, 6, (n, 2), generator=g).float() * 60 + 40
+    half = torch.rand(n, 2, generator=g) * spread + 15
+    shift = torch.randn(n, 2, generator=g) * jitter
+    box = torch.cat([centre + shift - half, centre + shift + half], 1)
+    score = torch.randperm(n, generator=g).float() / n * 0.9 + 0.05  # no ties: the order is unambiguous
+    label = torch.randint(0, classes, (n,), generator=g)
+    return box, score, img, label
+
+
+def nms_over_all(box, score, img, label, classes, iou, caps):
+    """The definition: torchvision's class-aware NMS over every candidate, then each image's best."""
+    keep = batched_nms(box, score, img * classes + label, iou)
+    return best_per_image(keep, img, caps)
+
+
+@pytest.mark.parametrize("counts,caps", [([1500, 0, 700, 3000], [100, 5, 1000, 50]),
+                                         ([2500, 2500], [0, 300]), ([1200], [1])])
+def test_nms_top_keeps_what_nms_over_all_candidates_keeps(counts, caps):
+    box, score, img, label = crowded(counts, classes=5, seed=len(counts))
+    assert box.shape[0] > ONE_CALL_MAX  # the per-image prefix path, not the single call
+    caps = torch.tensor(caps)
+    got = nms_top(box, score, img, label, 5, 0.6, caps)
+    want = nms_over_all(box, score, img, label, 5, 0.6, caps)
+    assert torch.equal(got, want)
+    assert torch.bincount(img[got], minlength=len(counts)).le(caps).all()
+
+
+def test_nms_top_grows_the_prefix_when_it_keeps_too_few():
+    """An image whose 400 best candidates are near-copies of 3 boxes, and whose other 2600 are apart from
+    each other: the first prefix keeps 3 of the cap of 200, so it must grow before it can stop."""
+    g = torch.Generator().manual_seed(7)
+    copies = torch.tensor([[10.0, 10, 50, 50], [100, 10, 140, 50], [10, 100, 50, 140]]).repeat(134, 1)[:400]
+    copies = copies + torch.rand(400, 4, generator=g)
+    grid = torch.stack(torch.meshgrid(torch.arange(52.0), torch.arange(50.0), indexing="ij"), -1).reshape(-1, 2)
+    apart = torch.cat([grid * 20 + 200, grid * 20 + 210], 1)  # 10x10 boxes 20 px apart: no overlap
+    box = torch.cat([copies, apart])
+    score = torch.cat([torch.linspace(0.99, 0.6, 400), torch.linspace(0.59, 0.1, 2600)])
+    img, label = torch.zeros(3000, dtype=torch.long), torch.zeros(3000, dtype=torch.long)
+    cap = 200
+    assert 2 * cap >= PREFIX_MIN  # so the first prefix is exactly the 400 copies
+    assert batched_nms(box[:400], score[:400], label[:400], 0.6).numel() == 3
+    caps = torch.tensor([cap])
+    got = nms_top(box, score, img, label, 1, 0.6, caps)
+    assert got.numel() == cap
+    assert torch.equal(got, nms_over_all(box, score, img, label, 1, 0.6, caps))
+
+
+def test_nms_top_with_few_candidates_is_one_call_with_the_same_answer():
+    box, score, img, label = crowded([300, 200], classes=3, seed=3)
+    caps = torch.tensor([10, 1000])
+    assert torch.equal(nms_top(box, score, img, label, 3, 0.5, caps),
+                       nms_over_all(box, score, img, label, 3, 0.5, caps))
