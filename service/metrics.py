@@ -81,6 +81,8 @@ class ServiceMetrics:
                                      registry=r)
         self.model_info = Gauge("rtmdet_model_info", "The model versions being served (value 1)",
                                 list(MODEL_INFO_LABELS), registry=r)
+        self.frozen_objects = Gauge("rtmdet_gc_frozen_objects", "Start-up objects frozen out of the garbage "
+                                    "collector's full passes (RTMDET_FREEZE_HEAP)", registry=r)
 
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)

@@ -17,7 +17,7 @@ import sys
 
 import uvicorn
 
-from service import logs, tracing
+from service import heap, logs, tracing
 from service.grpc_api import create_grpc_server, set_serving
 from service.http_api import create_app, create_health_app
 from service.http_protocol import head_deadline_protocol
@@ -105,6 +105,8 @@ async def serve(settings: ServiceSettings) -> int:
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
+    if settings.freeze_heap:
+        service.metrics.frozen_objects.set(heap.freeze_startup_objects())
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve())
     health_http_task = asyncio.create_task(health_http.serve()) if health_http is not None else None

@@ -168,6 +168,9 @@ class ServiceSettings(BaseSettings):
     # glibc keeps freed blocks for the next forward, one arena, no mmap (model.inference.allocator): faster
     # forwards (fewer page faults), at the price of holding the peak working set. false: glibc's defaults.
     keep_freed_memory: bool = True
+    # `rtmdet serve` freezes the objects alive before the models load (imports, the apps), so the garbage
+    # collector's full passes stop walking them (service/heap.py). false: CPython's defaults.
+    freeze_heap: bool = True
     warmup: bool = True
 
     # Network.
