@@ -130,9 +130,10 @@ def nms_top(box: torch.Tensor, score: torch.Tensor, img: torch.Tensor, label: to
     enter the answer. With many candidates this is what saves the time: torchvision's batched NMS over
     more than 1000 boxes loops over every (image, class) group, each at O(n^2) (at 320, batch 8, 2 threads,
     1000 candidates an image in 400 groups: 92 ms, where the prefixes take 6 ms; at the evaluation
-    thresholds and 640: 5.3 s for the shipped model's batch of 8, then 0.13 s). Boxes of exactly equal score may be kept in
-    another order than with one call (torchvision's order among ties is unspecified either way). On CUDA,
-    and with few candidates, one `batched_nms` call does it (no per-image host synchronisation)."""
+    thresholds and 640: 5.3 s for the shipped model's batch of 8, then 0.13 s). Boxes of exactly equal
+    score may be kept in another order than with one call (torchvision's order among ties is unspecified
+    either way). On CUDA, and with few candidates, one `batched_nms` call does it (no per-image host
+    synchronisation)."""
     caps = caps.to(device=box.device, dtype=torch.long)
     if box.device.type != "cpu" or box.shape[0] <= ONE_CALL_MAX:
         return best_per_image(batched_nms(box, score, img * num_classes + label, iou_thr), img, caps)
