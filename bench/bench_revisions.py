@@ -17,15 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -55,26 +51,6 @@ def checked_out(rev: str | None):
                            timeout=120)
 
 
-def start(tree: Path, weights: Path, args) -> tuple[subprocess.Popen, str, str]:
-    http_port, grpc_port = bs.free_port(), bs.free_port()
-    env = {**os.environ, "RTMDET_INPUT_SIZE": str(args.input_size), "RTMDET_MAX_BATCH_SIZE": str(args.batch),
-           "RTMDET_DEVICE": "cpu", "RTMDET_MAX_QUEUE_SIZE": "256", "PYTHONPATH": str(tree)}
-    env.pop("RTMDET_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--weights", str(weights), "--size", "tiny",
-                             "--http-port", str(http_port), "--grpc-port", str(grpc_port)], cwd=tree, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base, end = f"http://127.0.0.1:{http_port}", time.monotonic() + 300
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server of {tree} exited with {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return proc, base, f"127.0.0.1:{grpc_port}"
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"the server of {tree} did not become ready in 300 s")
-
-
 def window(server: tuple[subprocess.Popen, str, str], data: bytes, args) -> float:
     _, base, target = server
     if args.protocol == "http":
@@ -93,6 +69,8 @@ def main() -> int:
     ap.add_argument("--weights", type=Path, default=None, help="checkpoint (default: a lively random tiny one)")
     ap.add_argument("--input-size", type=int, default=320)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--accelerate", default=None)
     ap.add_argument("--protocol", choices=("http", "grpc"), default="http")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--duration", type=float, default=15.0)
@@ -106,7 +84,7 @@ def main() -> int:
         if weights is None:
             weights = Path(tmp) / "random_tiny.pth"
             save_checkpoint(weights, bs.lively_random_model("tiny").state_dict(), make_meta())
-        servers = {"old": start(old_tree, weights, args), "new": start(new_tree, weights, args)}
+        servers = {"old": bs.start_server(weights, args, old_tree), "new": bs.start_server(weights, args, new_tree)}
         got: dict[str, list[float]] = {"old": [], "new": []}
         try:
             for r in range(args.rounds):

@@ -199,15 +199,17 @@ async def load_grpc(target: str, data: bytes, concurrency: int, warmup: float, d
         return await closed_loop(call, concurrency, warmup, duration, cpu)
 
 
-def start_server(weights: Path, args) -> tuple[subprocess.Popen, str, str]:
+def start_server(weights: Path, args, tree: Path = REPO) -> tuple[subprocess.Popen, str, str]:
+    """`rtmdet serve` of the code in `tree` (another checkout: bench_revisions.py), ready; (process, HTTP base
+    URL, gRPC target)."""
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "RTMDET_INPUT_SIZE": str(args.input_size), "RTMDET_MAX_BATCH_SIZE": str(args.batch),
-           "RTMDET_DEVICE": "cpu", "RTMDET_MAX_QUEUE_SIZE": "256", "PYTHONPATH": str(REPO)}
+           "RTMDET_DEVICE": "cpu", "RTMDET_MAX_QUEUE_SIZE": "256", "PYTHONPATH": str(tree)}
     env.pop("RTMDET_API_KEY", None)
     if args.accelerate:
         env["RTMDET_ACCELERATE"] = args.accelerate
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--weights", str(weights), "--size", args.size,
-                             "--http-port", str(http_port), "--grpc-port", str(grpc_port)], cwd=REPO, env=env,
+                             "--http-port", str(http_port), "--grpc-port", str(grpc_port)], cwd=tree, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{http_port}"
     end = time.monotonic() + 300
