@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from model.config import PAD_VALUE
 from model.inference.preprocess import LetterboxInfo, resized_shape
@@ -24,6 +23,9 @@ from model.inference.preprocess import LetterboxInfo, resized_shape
 
 def decode_jpegs(data: Sequence[bytes], device: torch.device | str) -> list[torch.Tensor]:
     """JPEG bytes -> RGB uint8 (3, H, W) tensors on `device`, the batch decoded in one call."""
+    # Imported here: the whole torchvision package comes with it (seconds), and only this path needs it.
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
     with warnings.catch_warnings():
         # torchvision 0.29 marks its codecs deprecated in favour of TorchCodec; they still work, and

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import batched_nms
 
 from model.boxes import distance2bbox
 from model.config import TestConfig
+from model.inference.nms import batched_nms
 
 
 @dataclass
