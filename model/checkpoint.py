@@ -23,17 +23,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.errors import UserError
+from model.config import WEIGHTS_KEYS
+from model.errors import CheckpointError
 
-WEIGHTS_KEYS = ("ema", "raw")
 _PREFIXES = ("module.", "model.")  # wrappers (DDP, EMA, Lightning-style) around the detector's own keys
 # What torch's weights-only unpickler (and ours inside it) says when it stops a pickle from calling something.
 _REFUSALS = ("is not allowed", "unrecognized function", "Can only", "Unsupported global")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be loaded into the model; the message names the file and the problem."""
 
 
 def _first_bytes(path: Path, n: int) -> bytes:

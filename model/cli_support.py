@@ -86,7 +86,7 @@ def run_command(prog: str, command: Callable[[argparse.Namespace], int | None], 
 
 def add_weights_key_argument(parser: argparse.ArgumentParser, flag: str = "--weights-key") -> None:
     """The flag that picks a training checkpoint's weights (`model.checkpoint` explains the layout)."""
-    from model.checkpoint import WEIGHTS_KEYS
+    from model.config import WEIGHTS_KEYS
 
     parser.add_argument(flag, choices=WEIGHTS_KEYS, default=None,
                         help="which weights of a training checkpoint: ema (default) = its `state_dict`, the EMA "
@@ -111,7 +111,7 @@ def device_name(text: str) -> str:
 
 def add_accelerate_arguments(parser: argparse.ArgumentParser) -> None:
     """--accelerate (how the network runs, model.inference.accelerate) and --calibration (openvino-int8's images)."""
-    from model.inference.accelerate import ALIASES, MODES
+    from model.inference.modes import ALIASES, MODES
 
     parser.add_argument("--accelerate", choices=(*MODES, *ALIASES), default=None,
                         help="how the network runs (default: eager on the CPU, cudagraph on CUDA); auto measures "

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 SIZES = ("tiny", "s", "m", "l", "x")
 STRIDES = (8, 16, 32)
+# Which weights of a training checkpoint to use (model.checkpoint explains the layout); here, not there, because
+# the command line offers them and must not import torch to do so.
+WEIGHTS_KEYS = ("ema", "raw")
 
 # ImageNet statistics in BGR order: MMDetection's RTMDet feeds cv2's BGR images unflipped.
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)

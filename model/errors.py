@@ -20,6 +20,10 @@ class ImageError(UserError, ValueError):
     """An image file that is missing or does not decode."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be loaded into the model; the message names the file and the problem."""
+
+
 def dataset_errors(func):
     """`func` (a dataset reader) with its ValueErrors, which name the file and entry that are wrong, raised as
     DatasetError: a data problem for the user to fix, not a bug."""

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.checkpoint import CheckpointError
+from model.errors import CheckpointError
 
 DEFAULT_BASE_URL = "https://download.openmmlab.com/mmdetection/v3.0/rtmdet/"
 BASE_URL_ENV = "RTMDET_ZOO_URL"

@@ -5,7 +5,7 @@ import sys
 from service.serve_env import set_wait_policy
 
 if sys.argv[1:2] == ["serve"]:
-    set_wait_policy(os.environ)  # before torch (imported by service.cli) loads OpenMP
+    set_wait_policy(os.environ)  # before anything can import torch (and with it OpenMP)
 
 from service.cli import main  # noqa: E402
 

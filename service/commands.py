@@ -15,8 +15,8 @@ from model.config import SIZES
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
-    from model.inference.accelerate import MODES
-    from service.registry import MODEL_OPTION_SYNTAX
+    from model.inference.modes import MODES
+    from service.model_specs import MODEL_OPTION_SYNTAX
 
     p = sub.add_parser("serve", help="serve detection over HTTP and gRPC (flags override RTMDET_* settings)")
     p.add_argument("--host")
@@ -45,7 +45,7 @@ def settings_from_args(args: argparse.Namespace):
     from pydantic import ValidationError
 
     from model.errors import UserError
-    from service.registry import parse_model_option
+    from service.model_specs import parse_model_option
     from service.settings import ServiceSettings
 
     overrides = {k: v for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port,
@@ -79,10 +79,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from service.serve_env import apply_thread_counts, ensure_before_torch
 
     ensure_before_torch()  # may re-exec this process
+    settings = settings_from_args(args)  # before torch is imported: a bad setting is refused in a fraction of a second
     from model.inference.allocator import keep_freed_memory
     from service.server import run
 
-    settings = settings_from_args(args)
     threads = apply_thread_counts(settings.torch_threads, settings.opencv_threads)
     # This process is the service's: activations reuse freed blocks (model.inference.allocator), unless told not to.
     if not settings.keep_freed_memory:

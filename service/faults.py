@@ -18,9 +18,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ class FaultInjectingRunner:
         if _consume(f.raise_trigger):
             raise RuntimeError("injected fault: the model step raised")
         if f.oom_above_batch is not None and batch.shape[0] > f.oom_above_batch:
+            import torch  # here: the settings import this module, and they must not load torch
+
             raise torch.OutOfMemoryError(
                 f"injected out-of-memory: batch of {batch.shape[0]} > {f.oom_above_batch} images")
         return self.inner.forward(batch)

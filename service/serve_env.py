@@ -3,10 +3,11 @@ OpenCV's thread counts.
 
 OpenMP reads `OMP_WAIT_POLICY` once, when its runtime loads (with torch), so it has to be in the environment
 before torch is imported. `python -m service serve` sets it in `service/__main__.py` before any import; the
-`rtmdet` console script has imported torch by the time it knows the command is `serve`, so it re-executes
-itself (exec, not fork: nothing of the first process survives) with the variable set. A value the operator
-set is kept. Why PASSIVE is the default: see docs/service.md ("Threads on a shared machine"), measured with
-bench/bench_service.py.
+`rtmdet` console script sets it once it knows the command is `serve`, which is still before torch (the command
+line, the settings and the `model` package's names load no torch: `model/__init__.py`). A caller that did import
+torch first gets a re-exec (exec, not fork: nothing of the first process survives) with the variable set. A
+value the operator set is kept. Why PASSIVE is the default: see docs/service.md ("Threads on a shared machine"),
+measured with bench/bench_service.py.
 
 This module imports nothing heavy, so `__main__` can use it before torch.
 """

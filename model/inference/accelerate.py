@@ -37,13 +37,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from model.inference.modes import ALIASES, CPU_MODES, LOW_PRECISION_MODES, MODES
+
 Outputs = tuple[list[torch.Tensor], list[torch.Tensor]]
 Runner = Callable[[torch.Tensor], Outputs]  # uint8 (B, S, S, 3) -> raw head outputs
-# Reduced precision (model.inference.low_precision): by name only, never a candidate of `auto`.
-LOW_PRECISION_MODES = ("openvino-bf16", "openvino-int8")
-MODES = ("auto", "eager", "inductor", "onnxruntime", "openvino", "torchscript", "cudagraph", *LOW_PRECISION_MODES)
-CPU_MODES = ("eager", "inductor", "onnxruntime", "openvino", "torchscript", *LOW_PRECISION_MODES)
-ALIASES = {"onednn": "torchscript"}
 
 
 def resolve_mode(mode: str | None, device: torch.device) -> str:

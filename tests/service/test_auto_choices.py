@@ -12,7 +12,7 @@ from model.inference import runner_choice
 from model.inference.choice_store import FORMAT
 from model.inference.detector import load_image
 from service.client import GrpcDetectorClient, HttpDetectorClient
-from service.registry import parse_model_option, repository_specs
+from service.model_specs import parse_model_option, repository_specs
 from service.settings import AUTO_CANDIDATES, ServiceSettings
 
 WEIGHTS = REPO / "weights" / "rtmdet_tiny_shapes.pth"

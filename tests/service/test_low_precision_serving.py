@@ -14,7 +14,7 @@ from model import Detector, TestConfig
 from model.data.shapes import make_shapes_dataset
 from model.inference.detector import load_image
 from service.client import HttpDetectorClient
-from service.registry import parse_model_option
+from service.model_specs import parse_model_option
 from service.settings import ServiceSettings
 
 WEIGHTS = REPO / "weights" / "rtmdet_tiny_shapes.pth"

@@ -12,7 +12,8 @@ import model
 from model.checkpoint import make_meta, read_checkpoint
 from service.errors import ModelNotFound, ReloadFailed
 from service.metrics import ServiceMetrics
-from service.registry import ModelRegistry, parse_model_option, repository_specs
+from service.model_specs import parse_model_option, repository_specs
+from service.registry import ModelRegistry
 from service.settings import ModelSpec, ServiceSettings
 
 
