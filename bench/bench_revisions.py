@@ -93,11 +93,7 @@ def main() -> int:
                     print(f"round {r + 1} {name}: {got[name][-1]:.2f} img/s", flush=True)
         finally:
             for proc, _, _ in servers.values():
-                proc.terminate()
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                bs.stop_server(proc)
     old, new = statistics.median(got["old"]), statistics.median(got["new"])
     ratios = " ".join(f"{b / a:.3f}" for a, b in zip(got["old"], got["new"]))
     print(f"{args.protocol} at {args.input_size}, concurrency {args.concurrency}: old {args.old} {old:.2f} img/s, "

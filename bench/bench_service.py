@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -226,6 +225,16 @@ def start_server(weights: Path, args, tree: Path = REPO) -> tuple[subprocess.Pop
     raise SystemExit("server did not become ready")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (the server drains and exits), killed if it has not exited within a minute."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS,
@@ -270,8 +279,7 @@ def main() -> int:
                 runs[proto, conc].append(measure_cell(proto, conc, args, baseline, base_batch_s, data, proc,
                                                       http_base, grpc_target))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+        stop_server(proc)
 
     cores = os.cpu_count() or 1
     print()

@@ -28,7 +28,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from bench_revisions import checked_out  # noqa: E402
-from bench_service import free_port  # noqa: E402
+from bench_service import free_port, stop_server  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "weights" / "rtmdet_tiny_shapes.pth"
 LIMIT_S = 300.0
@@ -71,11 +71,7 @@ def serve_times(tree: Path, weights: Path) -> tuple[float, float]:
         listening = wait_for(f"http://127.0.0.1:{port}/healthz", proc, end)
         ready = wait_for(f"http://127.0.0.1:{port}/readyz", proc, end)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     return listening - t0, ready - t0
 
 

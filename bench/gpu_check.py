@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -292,14 +291,9 @@ def time_amp_training(tmp: str, steps: int = 20, device: str = "cuda", img_size:
             "grad_scale": float(trainer.scaler.get_scale())}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_requests(jpegs: list[bytes], n: int, deadline: Deadline, device: str = "cuda") -> tuple[Check, dict]:
     import httpx
+    from bench_service import free_port, stop_server
 
     http_port, grpc_port = free_port(), free_port()
     env = child_env()
@@ -350,12 +344,7 @@ def serve_requests(jpegs: list[bytes], n: int, deadline: Deadline, device: str =
         return Check(f"rtmdet serve --device {device}, {n} HTTP requests", status,
                      f"{ok}/{n} answered with detections on {model_info.get('device')}", f"{n}/{n}, {device}"), stats
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_server(proc)
         os.unlink(logf.name)
 
 
