@@ -35,7 +35,9 @@ def test_freezing_collects_first_and_freezes_what_is_alive():
     del garbage  # cyclic garbage made before the call: collected, not frozen for ever
     frozen = heap.freeze_startup_objects()
     assert gone() is None and alive() is kept
-    assert frozen == gc.get_freeze_count() > 1000
+    # Frozen objects are still freed by reference counting (the call's own temporaries, other threads of this
+    # test process), so the count can only have fallen since, and only by a few.
+    assert frozen > 1000 and 0 <= frozen - gc.get_freeze_count() < frozen // 100
     del kept
     gc.collect()
     assert alive() is not None  # frozen: the collector no longer looks at it (what the freeze is for)
