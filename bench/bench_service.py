@@ -198,6 +198,21 @@ async def load_grpc(target: str, data: bytes, concurrency: int, warmup: float, d
         return await closed_loop(call, concurrency, warmup, duration, cpu)
 
 
+def wait_for(url: str, proc: subprocess.Popen, end: float, period: float = 0.02) -> float:
+    """Polls `url` every `period` s until it answers 200 (the monotonic time it first did), or `proc` exits, or
+    the monotonic clock passes `end` (both SystemExit)."""
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return time.monotonic()
+        except httpx.HTTPError:
+            pass
+        time.sleep(period)
+    raise SystemExit(f"{url} did not answer in time")
+
+
 def start_server(weights: Path, args, tree: Path = REPO) -> tuple[subprocess.Popen, str, str]:
     """`rtmdet serve` of the code in `tree` (another checkout: bench_revisions.py), ready; (process, HTTP base
     URL, gRPC target)."""
@@ -211,18 +226,12 @@ def start_server(weights: Path, args, tree: Path = REPO) -> tuple[subprocess.Pop
                              "--http-port", str(http_port), "--grpc-port", str(grpc_port)], cwd=tree, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{http_port}"
-    end = time.monotonic() + 300
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return proc, base, f"127.0.0.1:{grpc_port}"
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("server did not become ready")
+    try:
+        wait_for(f"{base}/readyz", proc, time.monotonic() + 300, period=0.3)
+    except SystemExit:
+        proc.kill()
+        raise
+    return proc, base, f"127.0.0.1:{grpc_port}"
 
 
 def stop_server(proc: subprocess.Popen) -> None:

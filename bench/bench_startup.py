@@ -21,14 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
 from bench_revisions import checked_out  # noqa: E402
-from bench_service import free_port, stop_server  # noqa: E402
+from bench_service import free_port, stop_server, wait_for  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "weights" / "rtmdet_tiny_shapes.pth"
 LIMIT_S = 300.0
@@ -43,20 +41,6 @@ def env_for(tree: Path) -> dict[str, str]:
     """A user's environment: nothing of ours set, in particular no OMP_WAIT_POLICY (`serve` sets its own)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RTMDET_") and k != "OMP_WAIT_POLICY"}
     return {**env, "PYTHONPATH": str(tree), "RTMDET_DEVICE": "cpu"}
-
-
-def wait_for(url: str, proc: subprocess.Popen, end: float) -> float:
-    """Polls `url` every 20 ms until it answers 200; the monotonic time it first did."""
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before {url} answered")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return time.monotonic()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.02)
-    raise SystemExit(f"{url} did not answer within {LIMIT_S:.0f} s")
 
 
 def serve_times(tree: Path, weights: Path) -> tuple[float, float]:
