@@ -103,6 +103,8 @@ class ModelSpec(BaseModel):
     num_classes: int | None = Field(None, ge=1)  # pinned: a file with another class count is refused
     version: str | None = None  # the repository's version folder; None: from the weights' hash
     latency_slo_ms: float | None = Field(None, gt=0.0)  # None: the service's RTMDET_LATENCY_SLO_MS
+    # The box branch at the candidates only (model.inference.sparse_regression): CPU, float32 runners.
+    sparse_regression: bool = False
     triton: TritonSettings = Field(default_factory=TritonSettings)
 
     _known_size = field_validator("size")(known_size)
@@ -127,6 +129,9 @@ class ServiceSettings(BaseSettings):
     calibration: Path | None = None  # see ModelSpec.calibration
     auto_candidates: AutoCandidates = None  # see ModelSpec.auto_candidates
     auto_choices_file: Path | None = None  # see ModelSpec.auto_choices_file
+    # On the CPU, the head's box branch runs at the points that pass the score threshold only, after the rest of
+    # the network (model.inference.sparse_regression): the same boxes for less work. false: the dense head.
+    sparse_regression: bool = False
     # None: the checkpoint's training size (meta `img_size`), else 640.
     input_size: int | None = Field(None, ge=32, le=4096)
     class_names: list[str] | None = None  # override the checkpoint's class names
@@ -239,7 +244,7 @@ class ServiceSettings(BaseSettings):
         return {"device": self.device, "fp16": self.fp16, "backend": self.backend, "size": self.size,
                 "accelerate": self.accelerate, "calibration": self.calibration,
                 "auto_candidates": self.auto_candidates, "auto_choices_file": self.auto_choices_file,
-                "triton": self.triton_settings()}
+                "sparse_regression": self.sparse_regression, "triton": self.triton_settings()}
 
     def default_spec(self) -> ModelSpec:
         """The model served when neither --model nor a repository is given (RTMDET_WEIGHTS, the shipped one)."""

@@ -72,6 +72,10 @@ class Detector:
     `torchscript` (deprecated TorchScript, opt-in); or, reduced precision by name only, `openvino-bf16` or
     `openvino-int8` (model.inference.low_precision), the latter calibrated on `calibration` (a folder of
     real images, or BGR arrays).
+
+    `sparse_regression` (CPU, float32 runners): the runner leaves out the box branch and post-processing runs it
+    at the candidates alone (model.inference.sparse_regression); the same boxes, less work at serving
+    thresholds, where few points pass the score threshold.
     """
 
     def __init__(self, model: RTMDet, class_names: Sequence[str] | None = None,
@@ -79,13 +83,14 @@ class Detector:
                  test_cfg: TestConfig | None = None, fuse: bool = True, channels_last: bool | None = None,
                  weights_sha256: str | None = None, accelerate: str | None = None,
                  auto_candidates: Sequence[str] = AUTO_CANDIDATES, calibration=None,
-                 auto_choices_file: str | Path | None = None) -> None:
+                 auto_choices_file: str | Path | None = None, sparse_regression: bool = False) -> None:
         names = list(class_names) if class_names is not None else list(COCO_CLASSES)
         if len(names) != model.num_classes:
             raise ValueError(f"{len(names)} class names for a model with {model.num_classes} classes")
         runner = TorchRunner(model, names, resolve_device(device), fp16=fp16, fuse=fuse, channels_last=channels_last,
                              accelerate=accelerate, weights_sha256=weights_sha256, auto_candidates=auto_candidates,
-                             calibration=calibration, auto_choices_file=auto_choices_file)
+                             calibration=calibration, auto_choices_file=auto_choices_file,
+                           sparse_regression=sparse_regression)
         self._attach(runner, test_cfg or TestConfig.serving())
 
     @classmethod
@@ -166,6 +171,11 @@ class Detector:
         return self.runner.network
 
     @property
+    def engine_network(self):
+        """The module the runner's engine runs: `network`, or without its box branch with `sparse_regression`."""
+        return self.runner.engine_network
+
+    @property
     def normalize(self):
         return self.runner.normalize
 
@@ -216,7 +226,8 @@ class Detector:
         """Raise unless a forward on `image` gives finite outputs (a reload's check before it takes traffic)."""
         batch, _ = self.preprocess([image])
         outputs = self.forward(batch)
-        tensors = [t for part in outputs for t in (part if isinstance(part, list) else [part])]
+        tensors = [t for part in outputs for t in (part if isinstance(part, list) else [part])
+                   if isinstance(t, torch.Tensor)]
         bad = [tuple(t.shape) for t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             raise ValueError(f"the network gives non-finite outputs (shapes {bad}) on the probe image")

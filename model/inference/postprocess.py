@@ -9,7 +9,8 @@ each image's best `max_per_img` (see `nms_top`): on the CPU, with many candidate
 prefix of each image's candidates by score, which decides the same boxes as NMS over all of them.
 
 Three kinds of network output reach the same `finish` (one NMS path for every engine):
-head maps (`head_candidates`), boxes already decoded on the canvas (`decoded_candidates`, an
+head maps (`head_candidates`; its box distances dense, or computed at the candidates alone), boxes already
+decoded on the canvas (`decoded_candidates`, an
 `rtmdet export --decode` file) and end-to-end detections with NMS inside (`end_to_end_candidates`).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from model.boxes import distance2bbox
 from model.config import TestConfig
 from model.inference.nms import batched_nms
+from model.inference.sparse_regression import DistancesAt, dense_distances
 
 
 @dataclass
@@ -63,20 +65,22 @@ def _top_candidates(scores: torch.Tensor, score_thr: float, nms_pre: int) -> tup
     return img, flat, scores[img, flat]
 
 
-def head_candidates(cls_scores: Sequence[torch.Tensor], bbox_preds: Sequence[torch.Tensor],
+def head_candidates(cls_scores: Sequence[torch.Tensor], distances_at: DistancesAt,
                     strides: Sequence[int], cfg: TestConfig) -> Candidates:
-    """Per-level head maps (B, C, H, W) logits and (B, 4, H, W) distances -> decoded candidates."""
+    """Per-level (B, C, H, W) logits, and the distances at chosen points (`dense_distances` of the (B, 4, H, W)
+    maps, or `sparse_distances`: computed there only) -> decoded candidates. The candidates are chosen from
+    the scores alone, so the box branch is asked for their points only."""
     imgs, boxes, scores, labels = [], [], [], []
     canvas_h, canvas_w = (cls_scores[0].shape[2] * strides[0], cls_scores[0].shape[3] * strides[0])
     num_classes = cls_scores[0].shape[1]
-    for cls, reg, stride in zip(cls_scores, bbox_preds, strides):
+    for level, (cls, stride) in enumerate(zip(cls_scores, strides)):
         b, c = cls.shape[:2]
         probs = cls.float().permute(0, 2, 3, 1).reshape(b, -1).sigmoid()
         img, flat, score = _top_candidates(probs, cfg.score_thr, cfg.nms_pre)
         prior, label = torch.div(flat, c, rounding_mode="floor"), flat % c
         w = cls.shape[3]
         points = torch.stack(((prior % w) * stride, torch.div(prior, w, rounding_mode="floor") * stride), -1)
-        dist = reg.float().permute(0, 2, 3, 1).reshape(reg.shape[0], -1, 4)[img, prior]
+        dist = distances_at(level, img, prior)
         box = distance2bbox(points.to(dist.dtype), dist)
         box[:, 0::2] = box[:, 0::2].clamp(0, canvas_w)
         box[:, 1::2] = box[:, 1::2].clamp(0, canvas_h)
@@ -189,4 +193,4 @@ def postprocess(cls_scores: Sequence[torch.Tensor], bbox_preds: Sequence[torch.T
                 strides: Sequence[int], scale_wh: torch.Tensor, orig_wh: torch.Tensor,
                 cfg: TestConfig) -> BatchDetections:
     """Decode a batch of head maps. `scale_wh`, `orig_wh`: see `finish`."""
-    return finish(head_candidates(cls_scores, bbox_preds, strides, cfg), scale_wh, orig_wh, cfg)
+    return finish(head_candidates(cls_scores, dense_distances(bbox_preds), strides, cfg), scale_wh, orig_wh, cfg)

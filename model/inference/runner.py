@@ -2,17 +2,21 @@
 
 A runner takes the letterboxed uint8 batch (B, S, S, 3) BGR and returns the network's raw outputs; it
 never sees an original image or a detection threshold: `model.inference.transform` owns everything
-before and after it. Three output kinds exist, one per kind of exported graph.
+before and after it. Three output kinds exist, one per kind of exported graph, and a fourth, the head maps
+with the box branch left for post-processing to run at the candidates alone.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 
 from model.config import PAD_VALUE, STRIDES
+
+if TYPE_CHECKING:
+    from model.inference.sparse_regression import PointRegressor
 
 
 class HeadOutputs(NamedTuple):
@@ -20,6 +24,15 @@ class HeadOutputs(NamedTuple):
 
     cls_scores: list[torch.Tensor]
     bbox_preds: list[torch.Tensor]
+
+
+class SparseHeadOutputs(NamedTuple):
+    """Per-level class logits (B, C, H, W) and the neck's features (B, F, H, W) the box branch starts from; the
+    box branch runs at the candidates only, through `regressor` (model.inference.sparse_regression)."""
+
+    cls_scores: list[torch.Tensor]
+    box_features: list[torch.Tensor]
+    regressor: PointRegressor
 
 
 class DecodedOutputs(NamedTuple):
@@ -36,7 +49,7 @@ class EndToEndOutputs(NamedTuple):
     labels: torch.Tensor
 
 
-RunnerOutputs = HeadOutputs | DecodedOutputs | EndToEndOutputs
+RunnerOutputs = HeadOutputs | SparseHeadOutputs | DecodedOutputs | EndToEndOutputs
 
 
 @dataclass(frozen=True)

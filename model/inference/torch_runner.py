@@ -13,10 +13,12 @@ import torch
 
 from model.inference.accelerate import build_runner, resolve_mode
 from model.inference.low_precision import Calibration, check_available
+from model.inference.modes import LOW_PRECISION_MODES
 from model.inference.preprocess import Normalizer
-from model.inference.runner import HeadOutputs, NetworkInfo, blank_batch
+from model.inference.runner import HeadOutputs, NetworkInfo, SparseHeadOutputs, blank_batch
 from model.inference.runner_choice import CANDIDATES as AUTO_CANDIDATES
 from model.inference.runner_choice import AutoChoice, choose_runner
+from model.inference.sparse_regression import ClassesFirst, PointRegressor
 from model.nn.rtmdet import RTMDet, fused_for_inference
 
 
@@ -27,7 +29,7 @@ class TorchRunner:
                  fuse: bool = True, channels_last: bool | None = None, accelerate: str | None = None,
                  weights_sha256: str | None = None, input_size: int | None = None,
                  auto_candidates: Sequence[str] = AUTO_CANDIDATES, calibration=None,
-                 auto_choices_file: str | Path | None = None) -> None:
+                 auto_choices_file: str | Path | None = None, sparse_regression: bool = False) -> None:
         self.device = device
         self.fp16 = bool(fp16 and device.type == "cuda")
         self.dtype = torch.float16 if self.fp16 else torch.float32
@@ -43,6 +45,14 @@ class TorchRunner:
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.network = net.eval()
+        # Sparse box regression (model.inference.sparse_regression): the engines run the network without its box
+        # branch, which post-processing runs at the candidates alone. On the CPU in float32, for the runners
+        # `auto` picks from (reduced precision keeps the graph whose accuracy was measured; on CUDA the dense
+        # branch costs little and points would cost host synchronisations).
+        self.sparse_regression = bool(sparse_regression) and device.type == "cpu" and \
+            self.accelerate not in LOW_PRECISION_MODES
+        self.regressor = PointRegressor(self.network.bbox_head) if self.sparse_regression else None
+        self.engine_network = ClassesFirst(self.network).eval() if self.sparse_regression else self.network
         self.normalize = Normalizer(device, self.dtype, self.channels_last)
         self._engine = None  # built on the first forward, when the input shape is known
         self.auto_candidates = tuple(auto_candidates)
@@ -58,13 +68,13 @@ class TorchRunner:
 
     def _build(self, example_uint8: torch.Tensor | None, auto_examples: Sequence[torch.Tensor] = ()):
         if self.accelerate == "auto":
-            engine, self.auto_choice = choose_runner(self.network, self.normalize, list(auto_examples) or
+            engine, self.auto_choice = choose_runner(self.engine_network, self.normalize, list(auto_examples) or
                                                      [example_uint8], self.info.strides,
                                                      candidates=self.auto_candidates,
                                                      choices_file=self.auto_choices_file)
             self._set_mode(self.auto_choice.chosen)
             return engine
-        return build_runner(self.accelerate, self.network, self.normalize, example_uint8, self.info.strides,
+        return build_runner(self.accelerate, self.engine_network, self.normalize, example_uint8, self.info.strides,
                             calibration=self.calibration)
 
     def _set_mode(self, mode: str) -> None:
@@ -72,18 +82,21 @@ class TorchRunner:
         self.info = replace(self.info, accelerate=mode)
 
     def set_engine(self, engine, name: str) -> None:
-        """Run the network with `engine` (uint8 batch -> raw head outputs), e.g. one built elsewhere."""
+        """Run the network with `engine` (uint8 batch -> raw outputs of `engine_network`), e.g. one built
+        elsewhere."""
         self._engine = engine
         self._set_mode(name)
 
     @torch.inference_mode()
-    def forward(self, batch_uint8: torch.Tensor) -> HeadOutputs:
+    def forward(self, batch_uint8: torch.Tensor) -> HeadOutputs | SparseHeadOutputs:
         if self.accelerate == "cudagraph":
             batch_uint8 = batch_uint8.to(self.device, non_blocking=True)
         if self._engine is None:
             self._engine = self._build(batch_uint8)
-        cls, reg = self._engine(batch_uint8)
-        return HeadOutputs(list(cls), list(reg))
+        cls, second = self._engine(batch_uint8)
+        if self.regressor is not None:
+            return SparseHeadOutputs(list(cls), list(second), self.regressor)
+        return HeadOutputs(list(cls), list(second))
 
     def warmup(self, batch_sizes: Sequence[int], input_size: int) -> None:
         """Each batch size once (more where the engine asks: TorchScript profiles shapes over two calls); on CUDA

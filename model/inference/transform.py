@@ -29,7 +29,8 @@ from model.inference.postprocess import (
     head_candidates,
 )
 from model.inference.preprocess import LetterboxInfo, letterbox, stack_letterboxed
-from model.inference.runner import DecodedOutputs, EndToEndOutputs, HeadOutputs, RunnerOutputs
+from model.inference.runner import DecodedOutputs, EndToEndOutputs, HeadOutputs, RunnerOutputs, SparseHeadOutputs
+from model.inference.sparse_regression import dense_distances, sparse_distances
 
 # With per-image cuts, candidates are taken once per batch at the lowest threshold asked; each image's own
 # threshold and classes then drop its other candidates before NMS, and NMS keeps its own number. Class-aware
@@ -91,13 +92,16 @@ class DetectionTransform:
 
     def _decode(self, outputs: RunnerOutputs, infos: Sequence[LetterboxInfo], cfg: TestConfig,
                 params: Sequence[DetectParams] | None) -> BatchDetections:
-        first = outputs[0][0] if isinstance(outputs, HeadOutputs) else outputs[0]
+        first = outputs[0][0] if isinstance(outputs, HeadOutputs | SparseHeadOutputs) else outputs[0]
         device = first.device
         scale = torch.tensor([[i.scale_w, i.scale_h] for i in infos], device=device)
         orig = torch.tensor([[i.orig_w, i.orig_h] for i in infos], device=device)
         nms = True
         if isinstance(outputs, HeadOutputs):
-            cand = head_candidates(outputs.cls_scores, outputs.bbox_preds, self.strides, cfg)
+            cand = head_candidates(outputs.cls_scores, dense_distances(outputs.bbox_preds), self.strides, cfg)
+        elif isinstance(outputs, SparseHeadOutputs):
+            distances_at = sparse_distances(outputs.regressor, outputs.box_features)
+            cand = head_candidates(outputs.cls_scores, distances_at, self.strides, cfg)
         elif isinstance(outputs, DecodedOutputs):
             cand = decoded_candidates(outputs.boxes, outputs.scores, cfg)
         elif isinstance(outputs, EndToEndOutputs):
