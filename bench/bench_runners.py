@@ -35,6 +35,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 BENCH = Path(__file__).resolve().parent
@@ -95,43 +96,80 @@ def build_model(size: str):
     return model.eval()
 
 
-def runners_for(det: Detector, threads: int, inductor: bool) -> dict[str, object]:
-    eager = EagerRunner(det.network, det.normalize)
-    out: dict[str, object] = {"eager": eager, "inductor": InductorRunner(det.network, det.normalize) if inductor
+def runners_for(det: Detector, threads: int, inductor: bool, peers: bool = True) -> dict[str, object]:
+    """Every runner of `det.engine_network` (the whole network, or without its box branch with sparse
+    regression); the plain runtimes too with `peers`."""
+    net = det.engine_network
+    eager = EagerRunner(net, det.normalize)
+    out: dict[str, object] = {"eager": eager, "inductor": InductorRunner(net, det.normalize) if inductor
                               else None}
-    with export_network(det.network, det.strides, det.input_size) as path:
+    with export_network(net, det.strides, det.input_size) as path:
         out["onnxruntime"] = OnnxRuntimeRunner(path, threads)
         out["openvino"] = OpenVINORunner(path, threads)
-        out["ort_plain"] = OnnxRuntimeRunner(path, threads, streams=1)
-        out["ov_plain"] = OpenVINORunner(path, threads, streams=1)
+        if peers:
+            out["ort_plain"] = OnnxRuntimeRunner(path, threads, streams=1)
+            out["ov_plain"] = OpenVINORunner(path, threads, streams=1)
     return out
 
 
+def auto_pick(runners: dict[str, object], examples: list[torch.Tensor], threads: int):
+    """The start-up choice, as `Detector(accelerate="auto")` makes it after a warm-up of these batch sizes (the
+    smallest and the largest are measured), from runners already built."""
+    return pick_fastest(runners["eager"], {k: (lambda r=r: r) for k, r in runners.items()
+                                           if k in OURS and k != "eager" and r is not None}, examples, threads)[1]
+
+
+def workload(name: str, size: str, input_size: int):
+    """(model, class names, images(batch)) of a workload: `seeded` weights on photos (almost no box passes the
+    serving threshold), the `shipped` shapes model on drawn shapes scenes (a few real detections an image), or
+    `lively` random weights on photos (~100 boxes an image: the box branch's worst case here)."""
+    if name == "seeded":
+        return build_model(size), None, photos
+    if name == "lively":
+        from bench_service import lively_random_model
+
+        return lively_random_model(size).eval(), None, photos
+    if size != "tiny":
+        raise SystemExit("--workload shipped is RTMDet-tiny: add --sizes tiny")
+    from model.data.shapes import ShapesConfig, _load_photos, draw_shapes_image
+    from model.inference.detector import load_torch_network
+
+    model, names, _ = load_torch_network(ROOT / "weights" / "rtmdet_tiny_shapes.pth", "tiny")
+    rng, backgrounds = np.random.default_rng(4242), _load_photos()  # a seed the training never saw
+    scenes = [draw_shapes_image(rng, ShapesConfig(img_size=input_size), backgrounds)[0] for _ in range(8)]
+    return model.eval(), names, lambda n: [scenes[i % len(scenes)] for i in range(n)]
+
+
 def bench_size(size: str, threads: int, batches: list[int], seconds: float, rounds: int, peer: MMDetPeer | None,
-               inductor: bool, input_size: int = 640) -> list[dict]:
+               inductor: bool, input_size: int = 640, load: str = "seeded", sparse: bool = True) -> list[dict]:
     torch.set_num_threads(threads)
     cfg = TestConfig.serving(input_size=input_size)
-    model = build_model(size)
-    base = Detector(model, device="cpu", test_cfg=cfg, accelerate="eager")
+    model, names, images = workload(load, size, input_size)
+    base = Detector(model, names, device="cpu", test_cfg=cfg, accelerate="eager")
     t0 = time.perf_counter()
     runners = runners_for(base, threads, inductor)
     build_s = time.perf_counter() - t0
-    examples = [base.preprocess(photos(b))[0] for b in sorted({min(batches), max(batches)})]
-    # The start-up choice, as `Detector(accelerate="auto")` makes it after a warm-up of these batch sizes (the
-    # smallest and the largest are measured), from the runners built above.
-    _, choice = pick_fastest(runners["eager"], {k: (lambda r=r: r) for k, r in runners.items()
-                                                if k in OURS and k != "eager" and r is not None}, examples, threads)
-    print(json.dumps({"size": size, "threads": threads, "build_s": round(build_s, 1), "auto": choice.summary()}),
-          flush=True)
+    examples = [base.preprocess(images(b))[0] for b in sorted({min(batches), max(batches)})]
+    choice = auto_pick(runners, examples, threads)
     dets = {}
     for name, runner in runners.items():
         if runner is not None:
-            d = Detector(model, device="cpu", test_cfg=cfg, accelerate="eager")
+            d = Detector(model, names, device="cpu", test_cfg=cfg, accelerate="eager")
             d.set_runner(runner, name)
             dets[name] = d
+    # Sparse regression: the same runners of the network without its box branch, `auto`'s pick among them, and
+    # the Detector that runs the box branch at the candidates alone.
+    sparse_choice = None
+    if sparse:
+        sparse_base = Detector(model, names, device="cpu", test_cfg=cfg, accelerate="eager", sparse_regression=True)
+        sparse_runners = runners_for(sparse_base, threads, inductor, peers=False)
+        sparse_choice = auto_pick(sparse_runners, examples, threads)
+    print(json.dumps({"size": size, "threads": threads, "workload": load, "build_s": round(build_s, 1),
+                      "auto": choice.summary(), "auto_sparse": sparse_choice and sparse_choice.summary()}),
+          flush=True)
     rows = []
     for b in batches:
-        imgs = photos(b)
+        imgs = images(b)
         x, infos = base.preprocess(imgs)
         ref = runners["eager"](x)
         errors = {k: peak_relative_error(r(x), ref) for k, r in runners.items() if r is not None}
@@ -140,15 +178,27 @@ def bench_size(size: str, threads: int, batches: list[int], seconds: float, roun
                           seconds, rounds)
         pre = interleaved({"pre": partial(base.preprocess, imgs),
                            "post": partial(base.postprocess, base.forward(x), infos, cfg)}, seconds / 4, 2)
-        whole = interleaved({**{k: partial(d, imgs) for k, d in dets.items()}, "mmdet": peer_fwd}, seconds, rounds)
+        calls = {**{k: partial(d, imgs) for k, d in dets.items()}, "mmdet": peer_fwd}
+        auto_sparse = None
+        if sparse_choice is not None:
+            auto_sparse = sparse_choice.by_batch[nearest_size(list(sparse_choice.by_batch), b)]
+            d = Detector(model, names, device="cpu", test_cfg=cfg, accelerate="eager", sparse_regression=True)
+            d.set_runner(sparse_runners[auto_sparse], auto_sparse)
+            same = [len(p.boxes) == len(q.boxes) and np.allclose(p.boxes, q.boxes, atol=1e-3)
+                    for p, q in zip(d(imgs), dets["eager"](imgs))]
+            if not all(same):
+                raise SystemExit(f"sparse regression changed the detections ({size}, batch {b})")
+            calls["auto+sparse"] = partial(d, imgs)
+        whole = interleaved(calls, seconds, rounds)
         if "mmdet" in whole:  # their forward plus our pre/post
             whole["mmdet"] += pre["pre"] + pre["post"]
-        common = {"size": size, "batch": b, "threads": threads,
+        common = {"size": size, "batch": b, "threads": threads, "workload": load,
                   "auto": choice.by_batch[nearest_size(list(choice.by_batch), b)]}
         rows.append({"what": "forward", **common, **{k: b / v for k, v in fwd.items()},
                      "max_peak_rel_error": max(errors.values())})
         rows.append({"what": "detector", **common, **{k: b / v for k, v in whole.items()},
-                     "pre_ms": pre["pre"] * 1e3, "post_ms": pre["post"] * 1e3})
+                     "pre_ms": pre["pre"] * 1e3, "post_ms": pre["post"] * 1e3, "auto_sparse": auto_sparse,
+                     "boxes_per_image": sum(len(o.boxes) for o in dets["eager"](imgs)) / b})
         for r in rows[-2:]:
             print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()}), flush=True)
     return rows
@@ -165,16 +215,22 @@ def over_best_peer(row: dict, key: str) -> float | None:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = ("what", "size", "batch", "threads", "eager", "inductor", "onnxruntime", "openvino", "ONNX Runtime",
-            "OpenVINO", "MMDetection", "auto picks", "inductor / best peer", "auto / best peer")
+    head = ("what", "workload", "size", "batch", "threads", "eager", "inductor", "onnxruntime", "openvino",
+            "ONNX Runtime", "OpenVINO", "MMDetection", "auto picks", "inductor / best peer", "auto / best peer",
+            "boxes / image", "auto+sparse", "auto+sparse / best peer")
     print("\nimages/s (higher is better); onnxruntime, openvino: this project's runners of them (streams); ONNX "
-          "Runtime, OpenVINO: the plain runtimes; best peer = the faster of those two in that row")
+          "Runtime, OpenVINO: the plain runtimes; best peer = the faster of those two in that row; auto+sparse: "
+          "the Detector with sparse box regression on auto's pick among the runners of the network without "
+          "its box branch (detector rows)")
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        print(f"| {r['what']} | {r['size']} | {r['batch']} | {r['threads']} | " + " | ".join(
+        sparse = f"{fmt(r['auto+sparse'])} ({r['auto_sparse']})" if r.get("auto+sparse") else "n/a"
+        print(f"| {r['what']} | {r['workload']} | {r['size']} | {r['batch']} | {r['threads']} | " + " | ".join(
             fmt(r.get(k)) for k in (*OURS, *PEERS, "mmdet")) +
             f" | {r['auto']} | {fmt(over_best_peer(r, 'inductor'), '.2f', 'x')} | "
-            f"{fmt(over_best_peer(r, r['auto']), '.2f', 'x')} |")
+            f"{fmt(over_best_peer(r, r['auto']), '.2f', 'x')} | {fmt(r.get('boxes_per_image'), '.1f')} | "
+            f"{sparse} | "
+            f"{fmt(over_best_peer(r, 'auto+sparse'), '.2f', 'x')} |")
 
 
 def main() -> int:
@@ -187,6 +243,10 @@ def main() -> int:
     ap.add_argument("--no-mmdet", action="store_true")
     ap.add_argument("--no-inductor", action="store_true", help="skip the inductor compiles (~20-60 s each)")
     ap.add_argument("--input-size", type=int, default=640, help="letterbox size (the table's figures: 640)")
+    ap.add_argument("--workload", choices=("seeded", "shipped", "lively"), default="seeded",
+                    help="seeded weights on photos (no box passes 0.3), the shipped shapes model on shapes scenes "
+                         "(tiny only), or lively random weights (~100 boxes an image)")
+    ap.add_argument("--no-sparse", action="store_true", help="skip the auto+sparse column (no second build)")
     args = ap.parse_args()
     keep_freed_memory()  # as `rtmdet serve` runs (model.inference.allocator); ORT and OpenVINO have arenas
     if args.input_size != 640 and not args.no_mmdet:
@@ -200,7 +260,7 @@ def main() -> int:
         try:
             for size in args.sizes:
                 rows += bench_size(size, threads, args.batches, args.seconds, args.rounds, peer,
-                                   not args.no_inductor, args.input_size)
+                                   not args.no_inductor, args.input_size, args.workload, not args.no_sparse)
         finally:
             if peer is not None:
                 peer.close()
