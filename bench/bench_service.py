@@ -89,9 +89,10 @@ class DetectorBaseline:
     noisy machine only numbers taken close together in time compare fairly."""
 
     def __init__(self, weights: Path, size: str, input_size: int, image: np.ndarray, batch: int,
-                 accelerate: str | None = None) -> None:
+                 accelerate: str | None = None, sparse_regression: bool = False) -> None:
         self.det = Detector.from_checkpoint(weights, size=size, device="cpu", accelerate=accelerate,
-                                            test_cfg=TestConfig.serving(input_size=input_size))
+                                            test_cfg=TestConfig.serving(input_size=input_size),
+                                            sparse_regression=sparse_regression)
         self.image, self.batch = image, batch
         self.cpu_share = 0.0
         self.det.warmup([1, batch])
@@ -222,6 +223,8 @@ def start_server(weights: Path, args, tree: Path = REPO) -> tuple[subprocess.Pop
     env.pop("RTMDET_API_KEY", None)
     if args.accelerate:
         env["RTMDET_ACCELERATE"] = args.accelerate
+    if getattr(args, "sparse_regression", None) is not None:  # else the server's default
+        env["RTMDET_SPARSE_REGRESSION"] = str(args.sparse_regression).lower()
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--weights", str(weights), "--size", args.size,
                              "--http-port", str(http_port), "--grpc-port", str(grpc_port)], cwd=tree, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -260,8 +263,12 @@ def main() -> int:
                     help="the runner, for the Detector and the server alike (default: the CPU's default, eager)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every cell this many times, each after its own baseline; report the medians")
+    ap.add_argument("--sparse-regression", choices=("true", "false"), default="true",
+                    help="the box branch at the candidates only, for the Detector and the server alike (the "
+                         "service's default: true)")
     ap.add_argument("--image", type=Path, default=REPO / "examples" / "astronaut.jpg")
     args = ap.parse_args()
+    args.sparse_regression = args.sparse_regression == "true"
     keep_freed_memory()  # the bare Detector runs as `rtmdet serve` does (model.inference.allocator)
 
     if args.threads:
@@ -274,10 +281,11 @@ def main() -> int:
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     print(f"image {args.image.name} {image.shape[1]}x{image.shape[0]}, {args.size} at {args.input_size}, "
           f"batch {args.batch}, {os.cpu_count()} CPUs, torch threads {args.threads or 'default'}, "
-          f"runner {args.accelerate or 'default'}, "
+          f"runner {args.accelerate or 'default'}, sparse regression {args.sparse_regression}, "
           f"{args.duration:.0f} s per measurement")
 
-    baseline = DetectorBaseline(weights, args.size, args.input_size, image, args.batch, args.accelerate)
+    baseline = DetectorBaseline(weights, args.size, args.input_size, image, args.batch, args.accelerate,
+                                args.sparse_regression)
     base_batch_s = args.batch / baseline.batched_ips(2.0)  # seconds per full batch, to size the warm-ups
     proc, http_base, grpc_target = start_server(weights, args)
     cells = [(proto, conc) for proto in ("http", "grpc") for conc in args.concurrency]

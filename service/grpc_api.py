@@ -59,7 +59,7 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
                         input_size=info.input_size, device=info.device, dtype=info.dtype,
                         weights_sha256=info.weights_sha256 or "", backend=info.backend, model=info.model,
                         state=info.state, default=info.default, error=info.error or "", runner=info.runner,
-                        runner_choice=info.runner_choice or "")
+                        runner_choice=info.runner_choice or "", sparse_regression=info.sparse_regression)
 
 
 class DetectorServicer(pb_grpc.DetectorServicer):

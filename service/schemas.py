@@ -91,6 +91,8 @@ class ModelInfo(BaseModel):
                                         "a+b (auto: each batch size on its winner), or the backend (onnx, triton)")
     runner_choice: str | None = Field(None, description="with accelerate=auto: every candidate's measured times and "
                                                         "the winners, or where a reused measurement came from")
+    sparse_regression: bool = Field(False, description="the head's box branch runs at the candidate points only, "
+                                                       "after the rest of the network (RTMDET_SPARSE_REGRESSION)")
 
 
 class ModelList(BaseModel):

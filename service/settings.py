@@ -104,7 +104,7 @@ class ModelSpec(BaseModel):
     version: str | None = None  # the repository's version folder; None: from the weights' hash
     latency_slo_ms: float | None = Field(None, gt=0.0)  # None: the service's RTMDET_LATENCY_SLO_MS
     # The box branch at the candidates only (model.inference.sparse_regression): CPU, float32 runners.
-    sparse_regression: bool = False
+    sparse_regression: bool = True
     triton: TritonSettings = Field(default_factory=TritonSettings)
 
     _known_size = field_validator("size")(known_size)
@@ -131,7 +131,7 @@ class ServiceSettings(BaseSettings):
     auto_choices_file: Path | None = None  # see ModelSpec.auto_choices_file
     # On the CPU, the head's box branch runs at the points that pass the score threshold only, after the rest of
     # the network (model.inference.sparse_regression): the same boxes for less work. false: the dense head.
-    sparse_regression: bool = False
+    sparse_regression: bool = True
     # None: the checkpoint's training size (meta `img_size`), else 640.
     input_size: int | None = Field(None, ge=32, le=4096)
     class_names: list[str] | None = None  # override the checkpoint's class names

@@ -17,7 +17,7 @@ from model.config import PAD_VALUE, TestConfig
 from model.errors import ImageError
 from model.inference.detections import Detections, DetectParams
 from model.inference.preprocess import LetterboxInfo
-from model.inference.runner import NetworkInfo, Runner, RunnerOutputs
+from model.inference.runner import HeadOutputs, NetworkInfo, Runner, RunnerOutputs, SparseHeadOutputs
 from model.inference.runner_choice import CANDIDATES as AUTO_CANDIDATES
 from model.inference.runner_choice import AutoChoice
 from model.inference.torch_runner import TorchRunner
@@ -226,8 +226,11 @@ class Detector:
         """Raise unless a forward on `image` gives finite outputs (a reload's check before it takes traffic)."""
         batch, _ = self.preprocess([image])
         outputs = self.forward(batch)
-        tensors = [t for part in outputs for t in (part if isinstance(part, list) else [part])
-                   if isinstance(t, torch.Tensor)]
+        if isinstance(outputs, SparseHeadOutputs):  # the box branch too, which the forward left out
+            with torch.inference_mode():
+                boxes = [outputs.regressor.dense(level, f) for level, f in enumerate(outputs.box_features)]
+            outputs = HeadOutputs(outputs.cls_scores, boxes)
+        tensors = [t for part in outputs for t in (part if isinstance(part, list) else [part])]
         bad = [tuple(t.shape) for t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             raise ValueError(f"the network gives non-finite outputs (shapes {bad}) on the probe image")

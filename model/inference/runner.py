@@ -66,6 +66,7 @@ class NetworkInfo:
     fixed_input_size: bool = False  # True when the graph only takes `input_size` (an export with static shape)
     weights_sha256: str | None = None
     accelerate: str | None = None  # the torch runner's mode (eager, onednn, cudagraph)
+    sparse_regression: bool = False  # the box branch at the candidates only (model.inference.sparse_regression)
 
     @property
     def name(self) -> str:

@@ -61,7 +61,8 @@ class TorchRunner:
         self.info = NetworkInfo(size=model.size, class_names=tuple(class_names), backend="torch",
                                 device=str(device), dtype=str(self.dtype).replace("torch.", ""),
                                 strides=tuple(model.bbox_head.strides), input_size=input_size,
-                                weights_sha256=weights_sha256, accelerate=self.accelerate)
+                                weights_sha256=weights_sha256, accelerate=self.accelerate,
+                                sparse_regression=self.sparse_regression)
 
     def with_input_size(self, input_size: int) -> None:
         self.info = replace(self.info, input_size=input_size)
