@@ -9,10 +9,11 @@ the neck's feature map of each level instead of the box maps (`ClassesFirst`); p
 feature map alone, which is gathered and pushed through the same (BatchNorm-folded) weights as matrix products.
 
 What it saves: the box branch's two 96->96 3x3 convolutions per level (RTMDet-tiny) are about a sixth of the
-forward's multiply-adds (1.39 of ~8 GMAC at 640). A point costs about five times what one point of the dense
-branch costs (its nine intermediate points are computed for it alone), so a level with more distinct candidate
-points than a fifth of its positions runs the dense branch instead (`DENSE_FRACTION`): evaluation thresholds
-(score 0.001) make almost every point a candidate and get the dense path, never a slower one.
+forward's multiply-adds (1.39 of ~8 GMAC at 640). A point needs the first convolution at its 3x3 neighbourhood;
+neighbouring points share those (an object's candidates come in clusters), so each is computed once. Where the
+point path would cost more than the dense branch (`DENSE_ABOVE`: scattered points, a busy level) the level runs
+the dense branch instead: evaluation thresholds (score 0.001) make almost every point a candidate and get the
+dense path, never a slower one.
 """
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A level computes the dense box branch when its distinct candidate points exceed this share of its positions
-# (a point costs ~5x a dense point: 10 rows of a 9C x C product against 2 per dense point; see the docstring).
-DENSE_FRACTION = 0.2
+# A level runs the dense box branch when the point path would compute more rows of its two 9C x C products (the
+# first convolution's points plus the points themselves) than this share of the level's positions (the dense
+# branch computes two rows per position). Measured (a `/tmp` script: 1x1, 3x3 and 6x6 clusters of points, 1 to 256
+# an image, RTMDet-tiny's stride-8 level at 320, batch 8, 2 threads, the 2-core Zen 4 EPYC, 2026-12-06): a row of
+# the point path took 2.4-3x the time of a dense row (gathers; MKL's GEMM against oneDNN's convolution), so it
+# broke even at ~0.75 of the positions; 0.6 leaves a margin.
+DENSE_ABOVE = 0.6
 
 # (level, image index (N,), flat prior index (N,)) -> (N, 4) ltrb distances in input pixels.
 DistancesAt = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,14 +72,14 @@ class PointRegressor:
     head gives at those points (the same weights; float rounding of a different summation order aside), for
     `feature` the level's neck output (B, C, H, W) and `prior` the flat index y * W + x."""
 
-    def __init__(self, head: nn.Module, dense_fraction: float = DENSE_FRACTION) -> None:
+    def __init__(self, head: nn.Module, dense_above: float = DENSE_ABOVE) -> None:
         convs = head.reg_convs
         if len(convs[0]) != 2 or any(m.conv.kernel_size != (3, 3) for level in convs for m in level):
             raise ValueError("the point regressor needs two 3x3 convolutions per level (RTMDet's SepBN head)")
         if any(not isinstance(m.bn, nn.Identity) for level in convs for m in level):
             raise ValueError("fold the BatchNorms first (model.nn.rtmdet.fused_for_inference)")
         self.head = head  # for the dense path
-        self.dense_fraction = dense_fraction
+        self.dense_above = dense_above
         self.strides = tuple(head.strides)
         self.exp_on_reg = bool(head.exp_on_reg)
         self.levels = []
@@ -90,10 +95,13 @@ class PointRegressor:
         b, _, h, w = feature.shape
         key = image * (h * w) + prior
         points, back = torch.unique(key, return_inverse=True)  # one computation per point, whatever its classes
-        if points.numel() > self.dense_fraction * b * h * w:
+        image, prior = points // (h * w), points % (h * w)
+        y, x = prior // w, prior % w
+        mids, where = self._first_conv_points(image, y, x, h, w)
+        if mids.numel() + points.numel() > self.dense_above * b * h * w:
             dense = self.dense(level, feature)
             return dense.permute(0, 2, 3, 1).reshape(b * h * w, 4)[key]
-        return self._at_points(level, feature, points // (h * w), points % (h * w))[back]
+        return self._at_points(level, feature, mids, where)[back]
 
     def dense(self, level: int, feature: torch.Tensor) -> torch.Tensor:
         """The whole level's (B, 4, H, W) distances, as the head computes them."""
@@ -104,22 +112,27 @@ class PointRegressor:
         reg = head.rtm_reg[level](y).float()
         return (reg.exp() if self.exp_on_reg else reg) * self.strides[level]
 
-    def _at_points(self, level: int, feature: torch.Tensor, image: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        (w1, b1), (w2, b2), (w3, b3) = self.levels[level]
-        _, c, h, w = feature.shape
-        y, x = prior // w, prior % w
-        # The first convolution's outputs each point needs: its 3x3 neighbourhood, shared between neighbouring
-        # points (an object's candidates come in clusters), so each is computed once. Keys index a grid with a
-        # border of one, where the second convolution's padding lies.
-        span = torch.arange(3, device=feature.device)
-        ny = (y[:, None] + span)[:, :, None].expand(-1, 3, 3)  # (N, 3, 3): border-grid rows of the neighbours
+    @staticmethod
+    def _first_conv_points(image: torch.Tensor, y: torch.Tensor, x: torch.Tensor, h: int, w: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first convolution's outputs the points need: each point's 3x3 neighbourhood, shared between
+        neighbouring points (an object's candidates come in clusters), so each is computed once. Keys index a
+        grid with a border of one, where the second convolution's padding lies; `where` (N * 9) says which key
+        each point's neighbour is, in (dy, dx) order."""
+        span = torch.arange(3, device=y.device)
+        ny = (y[:, None] + span)[:, :, None].expand(-1, 3, 3)
         nx = (x[:, None] + span)[:, None, :].expand(-1, 3, 3)
         keys = (image[:, None, None] * (h + 2) + ny) * (w + 2) + nx
-        mids, where = torch.unique(keys.reshape(-1), return_inverse=True)
+        return torch.unique(keys.reshape(-1), return_inverse=True)
+
+    def _at_points(self, level: int, feature: torch.Tensor, mids: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        (w1, b1), (w2, b2), (w3, b3) = self.levels[level]
+        _, c, h, w = feature.shape
+        span = torch.arange(3, device=feature.device)
         m_img, rest = mids // ((h + 2) * (w + 2)), mids % ((h + 2) * (w + 2))
         my, mx = rest // (w + 2), rest % (w + 2)  # border-grid coordinates: the map's point is (my - 1, mx - 1)
-        # Each one's 3x3 input window on the map (its point is (my - 1, mx - 1)): rows my - 2 .. my, zero outside
-        # the map (the first convolution's padding). Clamped gathers and a mask: no padded copy of the map.
+        # Each one's 3x3 input window on the map: rows my - 2 .. my, zero outside the map (the first convolution's
+        # padding). Clamped gathers and a mask: no padded copy of the map.
         rows, cols = my[:, None] - 2 + span, mx[:, None] - 2 + span  # (M, 3) each
         valid = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
         nhwc = feature.permute(0, 2, 3, 1)

@@ -1,5 +1,7 @@
 """Sparse box regression (model.inference.sparse_regression): the box branch at chosen points equals the dense
 head there, and a Detector with it gives the dense Detector's detections, whatever the runner."""
+import math
+
 import cv2
 import numpy as np
 import pytest
@@ -20,6 +22,15 @@ def fused(size: str) -> torch.nn.Module:
         memory_format=torch.channels_last)
 
 
+def both_ways(size: str, batch: int, side: int):
+    """The fused network, its dense box maps and its `ClassesFirst` features on one random batch."""
+    net = fused(size)
+    x = torch.randn(batch, 3, side, side).to(memory_format=torch.channels_last)
+    _, reg = net(x)
+    _, feats = ClassesFirst(net)(x)
+    return net, reg, feats
+
+
 def dense_at(reg: torch.Tensor, image: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     return reg.permute(0, 2, 3, 1).reshape(reg.shape[0], -1, 4)[image, prior]
 
@@ -31,7 +42,7 @@ def test_points_equal_the_dense_head_at_every_border(size):
     x = torch.randn(2, 3, 128, 96).to(memory_format=torch.channels_last)  # not square: rows and columns apart
     cls, reg = net(x)
     cls_first, feats = ClassesFirst(net)(x)
-    points = PointRegressor(net.bbox_head, dense_fraction=1.0)  # always the point path
+    points = PointRegressor(net.bbox_head, dense_above=math.inf)  # always the point path
     assert points.exp_on_reg == (size == "m")
     for level, feat in enumerate(feats):
         torch.testing.assert_close(cls_first[level], cls[level], rtol=0, atol=0)
@@ -46,11 +57,8 @@ def test_points_equal_the_dense_head_at_every_border(size):
 
 @torch.inference_mode()
 def test_points_share_work_and_keep_the_asked_order():
-    net = fused("tiny")
-    x = torch.randn(3, 3, 160, 160).to(memory_format=torch.channels_last)
-    _, reg = net(x)
-    _, feats = ClassesFirst(net)(x)
-    points = PointRegressor(net.bbox_head, dense_fraction=1.0)
+    net, reg, feats = both_ways("tiny", 3, 160)
+    points = PointRegressor(net.bbox_head, dense_above=math.inf)
     gen = torch.Generator().manual_seed(1)
     image = torch.randint(0, 3, (500,), generator=gen)
     prior = torch.randint(0, 20 * 20, (500,), generator=gen)  # repeats: a point asked for by several classes
@@ -63,19 +71,19 @@ def test_points_share_work_and_keep_the_asked_order():
 
 @torch.inference_mode()
 def test_many_points_take_the_dense_branch():
-    net = fused("tiny")
-    x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last)
-    _, reg = net(x)
-    _, feats = ClassesFirst(net)(x)
-    points = PointRegressor(net.bbox_head)  # default: dense above a fifth of the positions
+    net, reg, feats = both_ways("tiny", 1, 64)
+    points = PointRegressor(net.bbox_head)  # default: DENSE_ABOVE
     calls = []
     dense = points.dense
     points.dense = lambda *a: calls.append(a[0]) or dense(*a)
-    few, many = torch.tensor([0, 5]), torch.arange(40)
-    for prior in (few, many):
+    # The 8x8 stride-8 map. Two neighbours: 20 rows (18 first-convolution points + 2) against 0.6 x 64: at the points.
+    # Forty points: the whole map. Six scattered points (no shared neighbours): 60 rows, more than the dense branch
+    # would cost, though only a tenth of the positions.
+    few, many, scattered = torch.tensor([0, 1]), torch.arange(40), torch.tensor([0, 3, 6, 24, 27, 30])
+    for prior in (few, many, scattered):
         got = points.distances(0, feats[0], torch.zeros_like(prior), prior)
         assert (got - dense_at(reg[0], torch.zeros_like(prior), prior)).abs().max() <= 1e-5 * reg[0].abs().max()
-    assert calls == [0]  # 2 of 64 points: at the points; 40 of 64: the whole map
+    assert calls == [0, 0]
 
 
 def test_the_regressor_wants_a_folded_head():
