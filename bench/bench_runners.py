@@ -2,7 +2,7 @@
 """This project's CPU runners beside ONNX Runtime, OpenVINO and MMDetection 3.3.0: one table, one run.
 
     .venv/bin/python bench/bench_runners.py [--sizes tiny s] [--batches 1 8] [--threads 1 2] [--seconds 2]
-        [--rounds 4] [--no-mmdet] [--no-inductor]
+        [--rounds 4] [--no-mmdet] [--no-inductor] [--workload seeded|shipped|lively] [--no-sparse]
 
 For each thread count and model size, on the same seeded weights (BatchNorm folded, 640x640, real photos):
 - the runners are built once: eager and inductor (`torch.compile` with freezing) are this project's PyTorch
@@ -19,7 +19,12 @@ For each thread count and model size, on the same seeded weights (BatchNorm fold
 - rows `forward`: the runner alone, uint8 batch in, raw head outputs out, images/s;
 - rows `detector`: decoded images to boxes (letterbox, forward, decode + NMS at serving thresholds), through
   `Detector` for each runner, the peers included (their forward plus our pre/post), and MMDetection's forward
-  plus our measured pre/post time.
+  plus our measured pre/post time; `auto+sparse`: the Detector with sparse box regression
+  (model.inference.sparse_regression: the runners run the network without its box branch, which post-processing
+  runs at the candidates alone), on `auto`'s pick among those runners, its detections checked equal to eager's.
+  How many boxes pass the serving threshold decides what sparse regression saves: `--workload` picks the seeded
+  weights on photos (almost none: its best case), the shipped shapes model on drawn scenes (a few real ones an
+  image) or lively random weights (~100 an image, 1000 candidates: its worst case here); the table says how many.
 Every runner of a row is timed in `--rounds` alternating rounds of equal calls (the peer's calls in turn with
 ours), so all see the same load on a shared machine; the median per call decides. glibc's malloc keeps freed
 blocks (model.inference.allocator.keep_freed_memory), as in `rtmdet serve`. Threads: torch, ONNX
@@ -269,7 +274,7 @@ def main() -> int:
     import openvino
 
     print(f"\n{machine_line()}; onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__} "
-          f"(MMDetection's venv: its own torch); {args.input_size}x{args.input_size}, seeded weights, "
+          f"(MMDetection's venv: its own torch); {args.input_size}x{args.input_size}, workload {args.workload}, "
           "BatchNorm folded, channels_last for torch")
     return 0
 
