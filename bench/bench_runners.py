@@ -184,13 +184,14 @@ def bench_size(size: str, threads: int, batches: list[int], seconds: float, roun
         pre = interleaved({"pre": partial(base.preprocess, imgs),
                            "post": partial(base.postprocess, base.forward(x), infos, cfg)}, seconds / 4, 2)
         calls = {**{k: partial(d, imgs) for k, d in dets.items()}, "mmdet": peer_fwd}
+        want = dets["eager"](imgs)
         auto_sparse = None
         if sparse_choice is not None:
             auto_sparse = sparse_choice.by_batch[nearest_size(list(sparse_choice.by_batch), b)]
             d = Detector(model, names, device="cpu", test_cfg=cfg, accelerate="eager", sparse_regression=True)
             d.set_runner(sparse_runners[auto_sparse], auto_sparse)
             same = [len(p.boxes) == len(q.boxes) and np.allclose(p.boxes, q.boxes, atol=1e-3)
-                    for p, q in zip(d(imgs), dets["eager"](imgs))]
+                    for p, q in zip(d(imgs), want)]
             if not all(same):
                 raise SystemExit(f"sparse regression changed the detections ({size}, batch {b})")
             calls["auto+sparse"] = partial(d, imgs)
@@ -203,7 +204,7 @@ def bench_size(size: str, threads: int, batches: list[int], seconds: float, roun
                      "max_peak_rel_error": max(errors.values())})
         rows.append({"what": "detector", **common, **{k: b / v for k, v in whole.items()},
                      "pre_ms": pre["pre"] * 1e3, "post_ms": pre["post"] * 1e3, "auto_sparse": auto_sparse,
-                     "boxes_per_image": sum(len(o.boxes) for o in dets["eager"](imgs)) / b})
+                     "boxes_per_image": sum(len(o.boxes) for o in want) / b})
         for r in rows[-2:]:
             print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in r.items()}), flush=True)
     return rows

@@ -90,7 +90,7 @@ class Detector:
         runner = TorchRunner(model, names, resolve_device(device), fp16=fp16, fuse=fuse, channels_last=channels_last,
                              accelerate=accelerate, weights_sha256=weights_sha256, auto_candidates=auto_candidates,
                              calibration=calibration, auto_choices_file=auto_choices_file,
-                           sparse_regression=sparse_regression)
+                             sparse_regression=sparse_regression)
         self._attach(runner, test_cfg or TestConfig.serving())
 
     @classmethod

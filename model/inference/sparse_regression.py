@@ -48,14 +48,7 @@ class ClassesFirst(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         net = self.network
         feats = list(net.neck(net.backbone(x)))
-        head = net.bbox_head
-        cls_scores = []
-        for level, feat in enumerate(feats):
-            y = feat
-            for layer in head.cls_convs[level]:
-                y = layer(y)
-            cls_scores.append(head.rtm_cls[level](y))
-        return cls_scores, feats
+        return [net.bbox_head.class_logits(level, f) for level, f in enumerate(feats)], feats
 
 
 def _as_matrix(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,12 +98,7 @@ class PointRegressor:
 
     def dense(self, level: int, feature: torch.Tensor) -> torch.Tensor:
         """The whole level's (B, 4, H, W) distances, as the head computes them."""
-        head = self.head
-        y = feature
-        for layer in head.reg_convs[level]:
-            y = layer(y)
-        reg = head.rtm_reg[level](y).float()
-        return (reg.exp() if self.exp_on_reg else reg) * self.strides[level]
+        return self.head.box_distances(level, feature).float()
 
     @staticmethod
     def _first_conv_points(image: torch.Tensor, y: torch.Tensor, x: torch.Tensor, h: int, w: int

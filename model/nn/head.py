@@ -60,20 +60,23 @@ class RTMDetSepBNHead(nn.Module):
 
     def forward(self, feats: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per level: class logits (B, C, H, W) and ltrb distances in input pixels (B, 4, H, W)."""
-        cls_scores, bbox_preds = [], []
-        for level, (x, stride) in enumerate(zip(feats, self.strides)):
-            cls_feat = x
-            for layer in self.cls_convs[level]:
-                cls_feat = layer(cls_feat)
-            reg_feat = x
-            for layer in self.reg_convs[level]:
-                reg_feat = layer(reg_feat)
-            reg = self.rtm_reg[level](reg_feat)
-            if self.exp_on_reg:
-                reg = reg.exp()
-            cls_scores.append(self.rtm_cls[level](cls_feat))
-            bbox_preds.append(reg * stride)
-        return cls_scores, bbox_preds
+        return ([self.class_logits(level, x) for level, x in enumerate(feats)],
+                [self.box_distances(level, x) for level, x in enumerate(feats)])
+
+    def class_logits(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        """The class branch of one level: neck features (B, F, H, W) -> logits (B, C, H, W)."""
+        for layer in self.cls_convs[level]:
+            x = layer(x)
+        return self.rtm_cls[level](x)
+
+    def box_distances(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        """The box branch of one level: neck features (B, F, H, W) -> ltrb distances in input pixels (B, 4, H, W)."""
+        for layer in self.reg_convs[level]:
+            x = layer(x)
+        reg = self.rtm_reg[level](x)
+        if self.exp_on_reg:
+            reg = reg.exp()
+        return reg * self.strides[level]
 
     def loss(self, cls_scores: Sequence[torch.Tensor], bbox_preds: Sequence[torch.Tensor],
              gt_boxes: Sequence[torch.Tensor], gt_labels: Sequence[torch.Tensor],

@@ -117,7 +117,7 @@ def test_detector_gives_the_dense_detections(mode):
     images = [cv2.imread("examples/shapes.jpg"), *shapes_images()]
     dense = Detector.from_checkpoint(SHIPPED, accelerate=mode)
     sparse = Detector.from_checkpoint(SHIPPED, accelerate=mode, sparse_regression=True)
-    batch, _ = sparse.preprocess(images)
+    batch, infos = sparse.preprocess(images)
     assert isinstance(sparse.forward(batch), SparseHeadOutputs)
     assert isinstance(dense.forward(batch), HeadOutputs)
     want = dense(images)
@@ -128,7 +128,6 @@ def test_detector_gives_the_dense_detections(mode):
     # dense branch per level).
     params = [DetectParams(0.5, 100, None), DetectParams(0.3, 3, frozenset({1, 2})), DetectParams(0.05, 100, None),
               DetectParams(0.9, 100, None)]
-    batch, infos = sparse.preprocess(images)
     same_detections(sparse.postprocess(sparse.forward(batch), infos, params=params),
                     dense.postprocess(dense.forward(batch), infos, params=params))
     evaluation = TestConfig(input_size=sparse.input_size)
