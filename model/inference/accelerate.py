@@ -11,6 +11,7 @@ image at batch 1, `bench/bench_runners.py`, 2026-12-01): eager ~94, inductor ~76
 their peak.
 
 - `eager`: the module itself (channels_last, BatchNorm folded). No start-up cost: the default on the CPU.
+  With 2+ threads, eager and inductor cut a batch of 2+ over one-thread streams (model.inference.streams).
 - `inductor`: `torch.compile` with freezing (weights folded into the graph as constants, convolutions packed
   for oneDNN with their activations fused).
   Compiles on the first call of a shape (~5-20 s for tiny here; a second batch size compiles once more,
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from model.inference.modes import ALIASES, CPU_MODES, LOW_PRECISION_MODES, MODES
+from model.inference.streams import with_streams
 
 Outputs = tuple[list[torch.Tensor], list[torch.Tensor]]
 Runner = Callable[[torch.Tensor], Outputs]  # uint8 (B, S, S, 3) -> raw head outputs
@@ -58,6 +60,10 @@ def resolve_mode(mode: str | None, device: torch.device) -> str:
     if mode == "cudagraph" and device.type != "cuda":
         raise ValueError("CUDA graphs need a CUDA device")
     return mode
+
+
+def on_cpu(net: nn.Module) -> bool:
+    return next(net.parameters()).device.type == "cpu"
 
 
 def bucket_for(batch: int, buckets: Sequence[int]) -> int:
@@ -191,12 +197,14 @@ def build_runner(mode: str, net: nn.Module, normalize: Callable[[torch.Tensor], 
                  example_uint8: torch.Tensor, strides: Sequence[int], threads: int | None = None,
                  calibration=None) -> Runner:
     """The runner for a resolved, non-`auto` mode. `example_uint8` is a batch of the serving shape (traced by
-    TorchScript, exported for the ONNX runtimes); `threads` for the ONNX runtimes (default: torch's);
+    TorchScript, exported for the ONNX runtimes); `threads` (default: torch's) for the ONNX runtimes and the
+    CPU's eager and inductor streams (model.inference.streams: a batch cut over one-thread streams);
     `calibration` (model.inference.low_precision.Calibration) for `openvino-int8`."""
-    if mode == "eager":
-        return EagerRunner(net, normalize)
-    if mode == "inductor":
-        return InductorRunner(net, normalize)
+    if mode in ("eager", "inductor"):
+        engine = EagerRunner(net, normalize) if mode == "eager" else InductorRunner(net, normalize)
+        if on_cpu(net):
+            return with_streams(engine, threads or torch.get_num_threads())
+        return engine
     if mode == "torchscript":
         return TorchScriptRunner(net, normalize, example_uint8)
     if mode == "cudagraph":

@@ -33,6 +33,7 @@ from torch import nn
 
 from model.export import INPUT_NAME, ExportableRTMDet, example_batch, head_output_names, write_onnx
 from model.inference.accelerate import Outputs
+from model.inference.streams import STREAM_TIMEOUT_S, chunk_slices, stream_count
 
 
 @contextlib.contextmanager
@@ -52,29 +53,6 @@ def split_heads(arrays: Sequence[np.ndarray]) -> Outputs:
     tensors = [torch.from_numpy(a) for a in arrays]
     half = len(tensors) // 2
     return tensors[:half], tensors[half:]
-
-
-STREAM_TIMEOUT_S = 600.0  # one chunk's inference; far beyond any here (RTMDet-x, a 640 batch of 8: ~30 s)
-
-
-def chunk_sizes(batch: int, streams: int) -> list[int]:
-    """How a batch is cut over the streams: as evenly as it goes, bigger chunks first (7 over 2: [4, 3])."""
-    n = max(1, min(batch, streams))
-    return [batch // n + (1 if i < batch % n else 0) for i in range(n)]
-
-
-def chunk_slices(batch: int, streams: int) -> list[slice]:
-    """`chunk_sizes` as the slices of the batch axis they cover."""
-    out, start = [], 0
-    for size in chunk_sizes(batch, streams):
-        out.append(slice(start, start + size))
-        start += size
-    return out
-
-
-def stream_count(threads: int, streams: int | None) -> int:
-    """Streams a runner keeps: one per thread unless fewer are asked for."""
-    return max(1, threads if streams is None else min(streams, threads))
 
 
 def concat_heads(parts: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:

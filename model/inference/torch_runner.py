@@ -121,5 +121,8 @@ class TorchRunner:
         return True
 
     def close(self) -> None:
+        close = getattr(self._engine, "close", None)  # streams' worker threads (model.inference.streams)
+        if close is not None:
+            close()
         self._engine = None
         self.network = None

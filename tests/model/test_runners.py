@@ -8,7 +8,7 @@ import torch
 
 from model import Detector, TestConfig, build_rtmdet
 from model.inference.accelerate import EagerRunner, InductorRunner
-from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, chunk_sizes, export_network
+from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, export_network
 from model.inference.preprocess import Normalizer
 from model.inference.runner_choice import (
     _CHOICES,
@@ -58,11 +58,6 @@ def test_onnx_runtime_and_openvino_runners_give_eager_outputs_at_any_batch(net, 
             got = runner(x)
             assert 0 < peak_relative_error(got, want) <= PEAK_TOLERANCE, runner.name
             assert all(g.dtype == torch.float32 for g in got[0] + got[1])
-
-
-def test_a_batch_is_cut_evenly_over_the_streams():
-    assert chunk_sizes(8, 2) == [4, 4] and chunk_sizes(7, 2) == [4, 3] and chunk_sizes(1, 2) == [1]
-    assert chunk_sizes(2, 4) == [1, 1] and chunk_sizes(9, 4) == [3, 2, 2, 2] and chunk_sizes(5, 1) == [5]
 
 
 @pytest.fixture(scope="module")
