@@ -95,11 +95,13 @@ def test_chunks_run_at_once_on_one_thread_each_and_a_batch_of_one_on_the_callers
 
 
 def test_the_process_thread_count_is_left_as_it_was(eager):
-    """The workers' set_num_threads(1) also sets torch's process-wide count, which a thread started later takes at
-    its first parallel call (the service's model thread): it must come back to the caller's."""
+    """A worker's set_num_threads also sets torch's process-wide count, which a thread started later takes at its
+    first parallel call (the service's model thread): it must come back to the runner's."""
     torch.set_num_threads(2)
     streams = TorchStreams(eager, threads=2)
     try:
+        streams(batch(4, seed=5))
+        streams(batch(4, seed=6))
         seen = []
         t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
         t.start()
@@ -107,6 +109,25 @@ def test_the_process_thread_count_is_left_as_it_was(eager):
         assert seen == [2] and torch.get_num_threads() == 2
     finally:
         streams.close()
+
+
+def test_fewer_chunks_than_threads_share_the_threads_out(eager):
+    """Four threads, a batch of two: two chunks of two threads each (not two threads idle); a batch of four: four
+    chunks of one thread."""
+    engine = Recording(eager)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    streams = TorchStreams(engine, threads=4)
+    try:
+        streams(batch(2, seed=7))
+        assert sorted((n, t) for n, t, _ in engine.calls) == [(1, 2), (1, 2)]
+        engine.calls.clear()
+        streams(batch(4, seed=8))
+        assert sorted((n, t) for n, t, _ in engine.calls) == [(1, 1)] * 4
+        assert torch.get_num_threads() == 4
+    finally:
+        streams.close()
+        torch.set_num_threads(before)
 
 
 def test_build_runner_streams_eager_on_two_threads_only(eager):
