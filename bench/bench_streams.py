@@ -3,7 +3,7 @@ the batch cut over one chunk per thread, in alternating rounds, beside this proj
 runners (which cut a batch the same way).
 
     .venv/bin/python bench/bench_streams.py [--size tiny] [--input-sizes 640 320] [--batch 8] [--threads 2]
-        [--rounds 7] [--no-inductor]
+        [--rounds 7] [--no-inductor] [--no-runtimes]
 
 Seeded weights (BatchNorm folded, channels_last), a random uint8 batch (a forward's cost does not depend on the
 pixels); every runner's outputs are checked against plain eager's (peak-relative) before timing. Images/s,
@@ -31,12 +31,12 @@ from model.inference.streams import TorchStreams  # noqa: E402
 from model.nn.rtmdet import fused_for_inference  # noqa: E402
 
 
-def runners(net, normalize, x: torch.Tensor, strides, threads: int, inductor: bool) -> dict:
+def runners(net, normalize, x: torch.Tensor, strides, threads: int, inductor: bool, runtimes: bool) -> dict:
     out = {"eager": EagerRunner(net, normalize), "eager streams": TorchStreams(EagerRunner(net, normalize), threads)}
     if inductor:
         out["inductor"] = InductorRunner(net, normalize)
         out["inductor streams"] = TorchStreams(InductorRunner(net, normalize), threads)
-    for mode in ("onnxruntime", "openvino"):
+    for mode in ("onnxruntime", "openvino") if runtimes else ():
         try:
             out[mode] = build_runner(mode, net, normalize, x, strides, threads=threads)
         except Exception as exc:  # not installed here: say so, time the rest
@@ -52,6 +52,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-inductor", action="store_true", help="skip inductor (its compiles take minutes here)")
+    ap.add_argument("--no-runtimes", action="store_true", help="skip our ONNX Runtime and OpenVINO runners (their "
+                    "ONNX export takes ~10 s)")
     args = ap.parse_args()
     keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -64,7 +66,7 @@ def main() -> int:
     for input_size in args.input_sizes:
         x = torch.randint(0, 256, (args.batch, input_size, input_size, 3), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(input_size))
-        built = runners(net, normalize, x, strides, args.threads, not args.no_inductor)
+        built = runners(net, normalize, x, strides, args.threads, not args.no_inductor, not args.no_runtimes)
         want = built["eager"](x)
         errors = {}
         for name, runner in built.items():
