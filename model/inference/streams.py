@@ -45,12 +45,6 @@ def stream_count(threads: int, streams: int | None) -> int:
     return max(1, threads if streams is None else min(streams, threads))
 
 
-def _first_parallel_call() -> None:
-    # A thread's first parallel call sets its OpenMP thread count from torch's process-wide value; made here, it
-    # cannot undo a worker's own set_num_threads later.
-    torch.get_num_threads()
-
-
 class TorchStreams:
     """A torch engine (uint8 batch -> (cls list, second list)) run over `streams` workers: a batch of two or more
     is cut into up to that many chunks (`chunk_slices`), each run by `engine` on its own worker with an equal
@@ -67,11 +61,12 @@ class TorchStreams:
         self.streams = stream_count(threads, streams)
         self._seen: set[int] = set()  # chunk sizes already run once
         self._first_lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(self.streams, thread_name_prefix="torch-stream",
-                                       initializer=_first_parallel_call)
+        self.pool = ThreadPoolExecutor(self.streams, thread_name_prefix="torch-stream")
 
     def _chunk(self, x: torch.Tensor, threads: int):
         """One chunk on a worker, with `threads` threads; also whether it had to set them."""
+        # get_num_threads before any set: a thread's first parallel call sets its OpenMP thread count from torch's
+        # process-wide value (this get is that call), which would otherwise undo the set below.
         changed = torch.get_num_threads() != threads
         if changed:
             torch.set_num_threads(threads)
