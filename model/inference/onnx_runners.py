@@ -9,9 +9,11 @@ is ~1.7x faster here but 5e-3 of the peak off float32; `INFERENCE_PRECISION_HINT
 1e-6 of the peak, as ONNX Runtime). Each batch size is compiled once for its static shape (~0.5 s for tiny)
 on first use: static shapes let the plugin pick its kernels ahead.
 
-Streams (both runtimes): with `threads` >= 2, a batch of two or more images is cut into `threads` chunks run at
-once, each on one core (ONNX Runtime: one single-threaded session per stream; OpenVINO: NUM_STREAMS, its own
-way of doing the same), while a batch of one runs on one session with all the threads. Cores that share no
+Streams (both runtimes): with `threads` >= 2, a batch with at least one image per stream (by default one stream
+per thread) is cut into a chunk per stream, run at once, each stream on its share of the cores (ONNX Runtime: one
+session of `threads // streams` threads per stream; OpenVINO: NUM_STREAMS, its own way of doing the same), while
+a smaller batch, a batch of one included, runs whole on one session with all the threads (`filled_stream_slices`:
+a session's thread count is fixed, so streams short of images would leave cores idle). Cores that share no
 image need not wait for each other after every layer, as one image's intra-op threads must (measured in
 `bench/bench_runners.py`, which also times each runtime on one session, as a plain user runs it). Each stream
 keeps its own copy of the weights (ONNX Runtime: `threads` + 1 sessions).
@@ -33,7 +35,7 @@ from torch import nn
 
 from model.export import INPUT_NAME, ExportableRTMDet, example_batch, head_output_names, write_onnx
 from model.inference.accelerate import Outputs
-from model.inference.streams import STREAM_TIMEOUT_S, chunk_slices, stream_count
+from model.inference.streams import STREAM_TIMEOUT_S, filled_stream_slices, stream_count
 
 
 @contextlib.contextmanager
@@ -62,15 +64,17 @@ def concat_heads(parts: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
 
 class OnnxRuntimeRunner:
     """onnxruntime CPU sessions; `run` is thread-safe, so the sessions serve every caller. `streams` (default:
-    `threads`) single-threaded sessions run a batch's chunks at once; one `threads`-threaded session runs a
-    batch of one (or every batch, with `streams=1`: what a plain ONNX Runtime user gets)."""
+    `threads`) sessions of `threads // streams` threads run the chunks of a batch that fills them at once; one
+    `threads`-threaded session runs a smaller batch (or every batch, with `streams=1`: what a plain ONNX Runtime
+    user gets)."""
 
     name = "onnxruntime"
 
     def __init__(self, path: str | Path, threads: int, streams: int | None = None) -> None:
         self.streams = stream_count(threads, streams)
         self.session = self._session(path, threads)
-        self.stream_sessions = [self._session(path, 1) for _ in range(self.streams)] if self.streams > 1 else []
+        share = threads // self.streams
+        self.stream_sessions = [self._session(path, share) for _ in range(self.streams)] if self.streams > 1 else []
         self.pool = (ThreadPoolExecutor(self.streams, thread_name_prefix="ort-stream") if self.stream_sessions
                      else None)
 
@@ -91,7 +95,7 @@ class OnnxRuntimeRunner:
 
     def __call__(self, batch_uint8: torch.Tensor) -> Outputs:
         x = batch_uint8.cpu().numpy()
-        chunks = chunk_slices(len(x), self.streams)
+        chunks = filled_stream_slices(len(x), self.streams)
         if len(chunks) == 1:
             return split_heads(self.session.run(None, {INPUT_NAME: x}))
         futures = [self.pool.submit(session.run, None, {INPUT_NAME: x[chunk]})
@@ -102,8 +106,9 @@ class OnnxRuntimeRunner:
 class OpenVINORunner:
     """OpenVINO's CPU plugin, float32, one compiled model per chunk shape; infer requests per thread (a request
     runs one inference at a time, and the service's watchdog may start a new batcher thread while an old one is
-    still inside a call). A batch of one runs on all the threads (PERFORMANCE_HINT=LATENCY); a bigger one is cut
-    into `streams` (default: `threads`) chunks run at once on NUM_STREAMS streams of one thread each."""
+    still inside a call). A batch with an image for each of `streams` (default: `threads`) streams is cut into
+    that many chunks run at once on NUM_STREAMS streams (`threads // streams` threads each); a smaller batch runs
+    whole on all the threads (PERFORMANCE_HINT=LATENCY)."""
 
     name = "openvino"
 
@@ -140,7 +145,7 @@ class OpenVINORunner:
 
     def __call__(self, batch_uint8: torch.Tensor) -> Outputs:
         x = batch_uint8.cpu().numpy()
-        chunks = chunk_slices(len(x), self.streams)
+        chunks = filled_stream_slices(len(x), self.streams)
         mode = "latency" if len(chunks) == 1 else "streams"
         started = []
         for i, chunk in enumerate(chunks):

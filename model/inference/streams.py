@@ -40,6 +40,14 @@ def chunk_slices(batch: int, streams: int) -> list[slice]:
     return out
 
 
+def filled_stream_slices(batch: int, streams: int) -> list[slice]:
+    """How a runner of fixed-thread sessions (ONNX Runtime, OpenVINO) cuts a batch: over its streams once the batch
+    has an image for every stream, else whole, on the session with all the threads. Such a runner cannot give a
+    stream more threads for one batch (`TorchStreams` can): 16 one-thread streams would run a batch of 2 on 2 of
+    16 cores, so a batch that cannot fill them runs like a batch of one."""
+    return chunk_slices(batch, streams) if batch >= streams else [slice(0, batch)]
+
+
 def stream_count(threads: int, streams: int | None) -> int:
     """Streams a runner keeps: one per thread unless fewer are asked for."""
     return max(1, threads if streams is None else min(streams, threads))

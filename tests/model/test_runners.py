@@ -61,11 +61,19 @@ def test_onnx_runtime_and_openvino_runners_give_eager_outputs_at_any_batch(net, 
 
 
 @pytest.fixture(scope="module")
-def stream_runners(net):
-    """Two threads: a batch of two or more is cut into two chunks run at once, one core each."""
+def exported(net):
+    """The streams tests' runners, all read from one export: two threads (a batch of two or more is cut into two
+    chunks run at once, one core each), and four (4 one-thread streams, and 2 of two threads for ONNX Runtime)."""
     network, strides = net
     with export_network(network, strides, SIZE) as path:
-        return OnnxRuntimeRunner(path, threads=2), OpenVINORunner(path, threads=2)
+        yield {"two": (OnnxRuntimeRunner(path, threads=2), OpenVINORunner(path, threads=2)),
+               "four": (OnnxRuntimeRunner(path, threads=4), OpenVINORunner(path, threads=4)),
+               "four_by_two": OnnxRuntimeRunner(path, threads=4, streams=2)}
+
+
+@pytest.fixture(scope="module")
+def stream_runners(exported):
+    return exported["two"]
 
 
 def test_streams_give_eager_outputs_in_batch_order(net, stream_runners):
@@ -84,6 +92,42 @@ def test_streams_give_eager_outputs_in_batch_order(net, stream_runners):
             assert peak_relative_error([[c[-1:] for c in got[0]], [r[-1:] for r in got[1]]], alone) <= 1e-5
     modes = {mode for mode, _ in ov.compiled}
     assert modes == {"latency", "streams"}  # batch 1 on the latency model, bigger batches on the streams one
+
+
+class Recorded:
+    """A session that still runs, and counts the images each call of it was given."""
+
+    def __init__(self, session) -> None:
+        self.session, self.images = session, []
+
+    def run(self, names, feed):
+        self.images.append(len(next(iter(feed.values()))))
+        return self.session.run(names, feed)
+
+
+def test_a_batch_short_of_the_streams_runs_whole_on_all_the_threads(net, exported):
+    """A runtime's session has a fixed thread count: four one-thread streams would run a batch of two on two of
+    four cores, so a batch with fewer images than streams runs whole on the session with every thread."""
+    network, _ = net
+    eager = EagerRunner(network, Normalizer(torch.device("cpu"), channels_last=True))
+    ort, ov = exported["four"]
+    assert ort.session.get_session_options().intra_op_num_threads == 4
+    assert [s.get_session_options().intra_op_num_threads for s in ort.stream_sessions] == [1] * 4
+    ort.session = Recorded(ort.session)
+    ort.stream_sessions = [Recorded(s) for s in ort.stream_sessions]
+    for x in batches(2, 3, 4, 6, seed=3):
+        want = eager(x)
+        for runner in (ort, ov):
+            assert 0 < peak_relative_error(runner(x), want) <= PEAK_TOLERANCE, (runner.name, x.shape[0])
+    assert ort.session.images == [2, 3]
+    assert [s.images for s in ort.stream_sessions] == [[1, 2], [1, 2], [1, 1], [1, 1]]
+    assert sorted((mode, shape[0]) for mode, shape in ov.compiled) == [
+        ("latency", 2), ("latency", 3), ("streams", 1), ("streams", 2)]
+    # Fewer streams than threads: each stream's session has its share of them.
+    by_two = exported["four_by_two"]
+    assert [s.get_session_options().intra_op_num_threads for s in by_two.stream_sessions] == [2, 2]
+    (x,) = batches(3, seed=4)
+    assert 0 < peak_relative_error(by_two(x), eager(x)) <= PEAK_TOLERANCE
 
 
 def test_openvino_answers_from_a_new_thread(onnx_runners):

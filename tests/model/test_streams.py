@@ -10,7 +10,7 @@ from model import build_rtmdet
 from model.inference.accelerate import EagerRunner, build_runner
 from model.inference.preprocess import Normalizer
 from model.inference.runner_choice import PEAK_TOLERANCE, peak_relative_error
-from model.inference.streams import TorchStreams, chunk_sizes
+from model.inference.streams import TorchStreams, chunk_sizes, filled_stream_slices
 from model.nn.rtmdet import fused_for_inference
 from model.testing import fill_deterministic
 
@@ -32,6 +32,10 @@ def batch(n: int, seed: int) -> torch.Tensor:
 def test_a_batch_is_cut_evenly_over_the_streams():
     assert chunk_sizes(8, 2) == [4, 4] and chunk_sizes(7, 2) == [4, 3] and chunk_sizes(1, 2) == [1]
     assert chunk_sizes(2, 4) == [1, 1] and chunk_sizes(9, 4) == [3, 2, 2, 2] and chunk_sizes(5, 1) == [5]
+    # Fixed-thread sessions: over the streams only once there is an image for each.
+    assert filled_stream_slices(3, 4) == [slice(0, 3)] and filled_stream_slices(1, 2) == [slice(0, 1)]
+    assert filled_stream_slices(2, 2) == [slice(0, 1), slice(1, 2)]
+    assert filled_stream_slices(6, 4) == [slice(0, 2), slice(2, 4), slice(4, 5), slice(5, 6)]
 
 
 def test_streams_give_eager_outputs_in_batch_order(eager):
