@@ -31,7 +31,7 @@ import numpy as np
 
 from model.data.instances import IMAGE_SUFFIXES  # what the datasets read as images
 from model.errors import UserError
-from model.inference.onnx_runners import OpenVINORunner
+from model.inference.onnx_runners import OpenVINORunner, openvino_core
 from model.inference.preprocess import letterbox
 
 log = logging.getLogger("rtmdet.runner")
@@ -98,11 +98,11 @@ def require_bf16(capabilities: Sequence[str]) -> None:
 
 def openvino_cpu_capabilities() -> list[str]:
     try:
-        import openvino as ov
+        core = openvino_core()
     except ImportError:
         raise LowPrecisionUnavailable("the OpenVINO runners need openvino: pip install 'rtmdet-serve[export]'") \
             from None
-    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 def check_available(mode: str, calibration: Calibration | None) -> None:

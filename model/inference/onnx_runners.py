@@ -103,6 +103,29 @@ class OnnxRuntimeRunner:
         return split_heads(concat_heads([f.result(timeout=STREAM_TIMEOUT_S) for f in futures]))
 
 
+_CORE_LOCK = threading.Lock()
+_CORE: list = []  # the process's one openvino.Core, made on first use
+
+
+def openvino_core():
+    """The process's one OpenVINO Core, never destroyed.
+
+    Why one: a Core's CPU plugin, loaded by its first compile (or CPU property query), gives the thread that loads it
+    a signal stack of its own (`sigaltstack`). When that plugin is destroyed, it frees that stack and restores
+    whatever stack it had replaced, on whichever thread destroys it. With a Core per runner, runners freed in any
+    order but the reverse of their creation, or on another thread, left a thread whose signal stack was freed
+    memory. The next signal delivered there to a handler that runs on that stack (Python's handlers all do:
+    SIGTERM, SIGCHLD, ...) killed the process with SIGSEGV. The test suite did this: a pytest process died when
+    a child exited after two OpenVINO runners had gone. With one Core the plugin is loaded once and its stack
+    lives as long as the process."""
+    with _CORE_LOCK:
+        if not _CORE:
+            import openvino as ov
+
+            _CORE.append(ov.Core())
+        return _CORE[0]
+
+
 class OpenVINORunner:
     """OpenVINO's CPU plugin, float32, one compiled model per chunk shape; infer requests per thread (a request
     runs one inference at a time, and the service's watchdog may start a new batcher thread while an old one is
@@ -113,9 +136,7 @@ class OpenVINORunner:
     name = "openvino"
 
     def __init__(self, path: str | Path, threads: int, streams: int | None = None) -> None:
-        import openvino as ov
-
-        self.core = ov.Core()
+        self.core = openvino_core()
         self.model = self.core.read_model(str(path))
         self.streams = stream_count(threads, streams)
         self.configs = {
