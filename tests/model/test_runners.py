@@ -71,7 +71,7 @@ def exported(net):
     with export_network(network, strides, SIZE) as path:
         yield {"two": (OnnxRuntimeRunner(path, threads=2), OpenVINORunner(path, threads=2)),
                "four": (OnnxRuntimeRunner(path, threads=4), OpenVINORunner(path, threads=4)),
-               "four_by_two": OnnxRuntimeRunner(path, threads=4, streams=2)}
+               "four_by_two": OnnxRuntimeRunner(path, threads=4, streams=2), "path": path}
 
 
 @pytest.fixture(scope="module")
@@ -318,15 +318,11 @@ def test_an_earlier_choice_that_no_longer_builds_is_measured_again():
 SIGNAL_AFTER_RUNNERS_GO = """
 import faulthandler, gc, os, signal, sys
 import torch
-from model import build_rtmdet
-from model.inference.onnx_runners import OpenVINORunner, export_network
-from model.nn.rtmdet import fused_for_inference
+from model.inference.onnx_runners import OpenVINORunner
 faulthandler.enable()  # as pytest does: the main thread has a signal stack of its own
-m = build_rtmdet("tiny", num_classes=3).eval()
-with export_network(fused_for_inference(m), m.bbox_head.strides, 64) as path:
-    first, second = OpenVINORunner(path, threads=1), OpenVINORunner(path, threads=1)
-    x = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
-    first(x), second(x)
+first, second = OpenVINORunner(sys.argv[1], threads=1), OpenVINORunner(sys.argv[1], threads=1)
+x = torch.zeros(1, 96, 96, 3, dtype=torch.uint8)
+first(x), second(x)
 del first; gc.collect()  # freed in the order they were made, not the reverse
 del second; gc.collect()
 got = []
@@ -336,11 +332,11 @@ print("handled" if got else "not handled")
 """
 
 
-def test_a_signal_after_openvino_runners_are_gone_is_handled_not_a_crash():
+def test_a_signal_after_openvino_runners_are_gone_is_handled_not_a_crash(exported):
     """Each OpenVINO Core's CPU plugin gave the compiling thread its own signal stack and freed it when destroyed.
     With a Core per runner, two runners freed in creation order left the main thread's signal stack pointing at
     freed memory, and the next Python signal handler killed the process with SIGSEGV (the test suite died this
     way when a child process exited). A fresh process, since the state is the process's."""
-    out = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_RUNNERS_GO], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_RUNNERS_GO, str(exported["path"])], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0 and out.stdout.strip() == "handled", (out.returncode, out.stderr[-2000:])
