@@ -16,7 +16,7 @@ a smaller batch, a batch of one included, runs whole on one session with all the
 a session's thread count is fixed, so streams short of images would leave cores idle). Cores that share no
 image need not wait for each other after every layer, as one image's intra-op threads must (measured in
 `bench/bench_runners.py`, which also times each runtime on one session, as a plain user runs it). Each stream
-keeps its own copy of the weights (ONNX Runtime: `threads` + 1 sessions).
+keeps its own copy of the weights (ONNX Runtime: `streams` + 1 sessions).
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ class OnnxRuntimeRunner:
         if len(chunks) == 1:
             return split_heads(self.session.run(None, {INPUT_NAME: x}))
         futures = [self.pool.submit(session.run, None, {INPUT_NAME: x[chunk]})
-                   for session, chunk in zip(self.stream_sessions, chunks, strict=False)]
+                   for session, chunk in zip(self.stream_sessions, chunks, strict=True)]
         return split_heads(concat_heads([f.result(timeout=STREAM_TIMEOUT_S) for f in futures]))
 
 
