@@ -9,7 +9,14 @@ import argparse
 import json
 from pathlib import Path
 
-from model.cli_support import add_accelerate_arguments, add_weights_key_argument, device_name, fraction, positive_int
+from model.cli_support import (
+    add_accelerate_arguments,
+    add_canvas_argument,
+    add_weights_key_argument,
+    device_name,
+    fraction,
+    positive_int,
+)
 from model.config import SIZES
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_tiny_shapes.pth"
@@ -26,6 +33,7 @@ def add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fp16", action="store_true", help="half precision (CUDA only)")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--out", type=Path, help="directory for copies of the images with boxes drawn")
+    add_canvas_argument(p)
     add_weights_key_argument(p)
     add_accelerate_arguments(p)
     p.set_defaults(func=run_detect)
@@ -47,7 +55,8 @@ def run_detect(args: argparse.Namespace) -> int:
                                             calibration=args.calibration)
     except ValueError as exc:  # a checkpoint that does not fit, fp16 without CUDA, ...
         raise UserError(str(exc)) from None
-    detector.cfg = detector.with_config(score_thr=args.score_thr, input_size=args.img_size or detector.input_size)
+    detector.cfg = detector.with_config(score_thr=args.score_thr, input_size=args.img_size or detector.input_size,
+                                        canvas=args.canvas)
     results = []
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]

@@ -109,6 +109,15 @@ def device_name(text: str) -> str:
     return text
 
 
+def add_canvas_argument(parser: argparse.ArgumentParser) -> None:
+    """--canvas: the letterbox's canvas (TestConfig.canvas)."""
+    from model.config import CANVASES
+
+    parser.add_argument("--canvas", choices=CANVASES, default="square",
+                        help="square: pad every image to img-size x img-size (the official pipeline); tight: only up "
+                             "to a multiple of 32, so a 4:3 image runs at 640 x 480 (faster, boxes a little different)")
+
+
 def add_accelerate_arguments(parser: argparse.ArgumentParser) -> None:
     """--accelerate (how the network runs, model.inference.accelerate) and --calibration (openvino-int8's images)."""
     from model.inference.modes import ALIASES, MODES

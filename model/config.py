@@ -5,6 +5,7 @@ Numbers come from MMDetection 3.3.0's `configs/rtmdet/rtmdet_<size>_8xb32-300e_c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 SIZES = ("tiny", "s", "m", "l", "x")
 STRIDES = (8, 16, 32)
@@ -16,6 +17,7 @@ WEIGHTS_KEYS = ("ema", "raw")
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
 PIXEL_STD_BGR = (57.375, 57.12, 58.395)
 PAD_VALUE = 114
+CANVASES = ("square", "tight")  # TestConfig.canvas
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 
@@ -58,7 +60,11 @@ def model_spec(size: str) -> ModelSpec:
 
 @dataclass(frozen=True)
 class TestConfig:
-    """Post-processing settings; defaults are the official evaluation ones (`test_cfg`)."""
+    """The letterbox and post-processing settings; defaults are the official evaluation ones (`test_cfg`).
+
+    `canvas`: `square` pads every image to input_size x input_size (the official test pipeline); `tight` pads
+    the resized image only up to a multiple of the largest stride, so a 4:3 image runs at 640 x 480
+    (model.inference.preprocess)."""
 
     __test__ = False  # not a pytest test class, despite the name
 
@@ -67,6 +73,11 @@ class TestConfig:
     nms_pre: int = 30000
     iou_thr: float = 0.65
     max_per_img: int = 300
+    canvas: Literal["square", "tight"] = "square"
+
+    def __post_init__(self) -> None:
+        if self.canvas not in CANVASES:
+            raise ValueError(f"canvas must be one of {', '.join(CANVASES)}, got {self.canvas!r}")
 
     @classmethod
     def serving(cls, **overrides) -> TestConfig:

@@ -168,13 +168,18 @@ def export_onnx(model: RTMDet, out: str | os.PathLike, class_names: Sequence[str
 
 
 def write_onnx(module: nn.Module, example: torch.Tensor, path: str | os.PathLike, names: Sequence[str],
-               dynamic_batch: bool) -> None:
+               dynamic_batch: bool, dynamic_canvas: bool = False) -> None:
     """Export `module` (uint8 images in) to `path` with the dynamo-based exporter (torch.export +
     onnxscript): the TorchScript-based one (dynamo=False) is deprecated with TorchScript. It gives the same
     graph outputs as the TorchScript export: both within 3e-6 of the peak of PyTorch's in fp32 (measured on
     seeded tiny weights, heads and decoded layouts). A dynamic batch costs the exporter more (~10 s for
-    tiny here, against ~2 s for a fixed one): it traces with a symbolic batch size."""
+    tiny here, against ~2 s for a fixed one): it traces with a symbolic batch size. `dynamic_canvas`: the
+    input's height and width are symbolic too (any multiple of the largest stride: the `tight` canvas); the
+    outputs' shapes follow from them."""
     dynamic_axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]} if dynamic_batch else None
+    if dynamic_canvas:
+        dynamic_axes = dynamic_axes or {}
+        dynamic_axes[INPUT_NAME] = {**dynamic_axes.get(INPUT_NAME, {}), 1: "height", 2: "width"}
     # onnxscript's optimiser logs every rewrite at INFO: keep a server's INFO log for the server.
     quiet = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir")]
     levels = [q.level for q in quiet]

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from model.inference.detections import Detections, DetectParams
-from model.inference.preprocess import LetterboxInfo
+from model.inference.preprocess import LetterboxInfo, join_batches, orientation_groups
 from model.inference.runner import RunnerOutputs
 from service.batch_times import BatchTimeModel
 from service.errors import BatchFailed, CannotMeetDeadline, DeadlineExceeded, InferenceTimeout, NotAccepting, QueueFull
@@ -449,7 +449,7 @@ class DynamicBatcher:
         self._busy_until = 0.0
         for n in sub_batches:
             self.metrics.batch_size.observe(n)
-        if len(sub_batches) == 1:  # an OOM-split batch's time is not that of its size
+        if len(sub_batches) == 1:  # a batch run in parts (out of memory, or per orientation) is not its size's time
             self.times.observe(len(live), t_inf + t_post)
             self.metrics.batch_actual.observe(t_inf + t_post)
             self.metrics.batch_time_margin.set(self.times.margin())
@@ -507,14 +507,23 @@ class DynamicBatcher:
             return r1 + r2, b1 + b2, i1 + i2, p1 + p2
 
     def _infer(self, live: Sequence[_Job]) -> tuple[list[Detections], list[int], float, float]:
-        t0 = time.perf_counter()
-        stacked = live[0].batch if len(live) == 1 else torch.cat([j.batch for j in live])
-        outputs = self.model.forward(stacked)
-        t1 = time.perf_counter()
-        # Each request's own threshold, classes and count: the transform owns that policy.
-        results = self.model.postprocess(outputs, [j.info for j in live], params=[j.params for j in live])
-        t2 = time.perf_counter()
-        return list(results), [len(live)], t1 - t0, t2 - t1
+        # Canvases of one shape (the square canvas, or one camera's frames) run as one batch. Tight canvases of
+        # both orientations run as a batch per orientation, each padded to the largest canvas in it
+        # (model.inference.preprocess.orientation_groups).
+        groups = orientation_groups([tuple(j.batch.shape[1:3]) for j in live])
+        results: list[Detections | None] = [None] * len(live)
+        forward_s = post_s = 0.0
+        for group in groups:
+            jobs = [live[i] for i in group]
+            t0 = time.perf_counter()
+            outputs = self.model.forward(join_batches([j.batch for j in jobs]))
+            t1 = time.perf_counter()
+            # Each request's own threshold, classes and count: the transform owns that policy.
+            found = self.model.postprocess(outputs, [j.info for j in jobs], params=[j.params for j in jobs])
+            forward_s, post_s = forward_s + t1 - t0, post_s + time.perf_counter() - t1
+            for i, dets in zip(group, found, strict=True):
+                results[i] = dets
+        return results, [len(g) for g in groups], forward_s, post_s
 
     @staticmethod
     def _resolve(job: _Job, value: Detections) -> None:

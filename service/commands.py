@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from model.cli_support import add_weights_key_argument, fraction, positive_float, positive_int
-from model.config import SIZES
+from model.config import CANVASES, SIZES
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +38,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="demand client certificates signed by this CA (mTLS) on both protocols")
     p.add_argument("--health-port", type=int, help="a plain-text HTTP port for /healthz, /readyz and /metrics only")
     p.add_argument("--log-format", choices=("text", "json"))
+    p.add_argument("--canvas", choices=CANVASES,
+                   help="every model's letterbox canvas (RTMDET_CANVAS; a --model's canvas= wins): square, as the "
+                        "official pipeline, or tight, padded only to a multiple of 32 (a 4:3 photo runs at 640 x 480)")
     p.set_defaults(func=run_serve)
 
 
@@ -56,7 +59,8 @@ def settings_from_args(args: argparse.Namespace):
                                    "tls_key_file": getattr(args, "tls_key", None),
                                    "tls_client_ca_file": getattr(args, "tls_client_ca", None),
                                    "health_port": getattr(args, "health_port", None),
-                                   "log_format": getattr(args, "log_format", None)}.items()
+                                   "log_format": getattr(args, "log_format", None),
+                                   "canvas": getattr(args, "canvas", None)}.items()
                  if v is not None}
     try:
         settings = ServiceSettings(**overrides)

@@ -23,11 +23,11 @@ VERSION_CONFIG = "config.yaml"
 
 _OPTION_ALIASES = {"img_size": "input_size"}
 MODEL_OPTIONS = ("size", "input_size", "backend", "num_classes", "accelerate", "calibration", "auto_candidates",
-                 "latency_slo_ms", "sparse_regression")
+                 "latency_slo_ms", "sparse_regression", "canvas")
 # How `--model` is written, for its help and its errors: every option of MODEL_OPTIONS, img_size for input_size.
 MODEL_OPTION_SYNTAX = "NAME=PATH" + "".join(f"[,{_o}=...]" for _o in (
     "size", "img_size", "backend", "num_classes", "accelerate", "calibration", "auto_candidates", "latency_slo_ms",
-    "sparse_regression"))
+    "sparse_regression", "canvas"))
 
 
 def parse_model_option(text: str, settings: ServiceSettings) -> ModelSpec:

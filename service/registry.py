@@ -190,7 +190,7 @@ class ModelRegistry:
                 from service.faults import FaultInjectingRunner
                 runner = FaultInjectingRunner(runner, s.fault_injection)
             cfg = TestConfig.serving(score_thr=s.score_threshold, max_per_img=s.max_detections_limit,
-                                     input_size=spec.input_size or runner.info.input_size or 640)
+                                     input_size=spec.input_size or runner.info.input_size or 640, canvas=spec.canvas)
             detector = Detector.from_runner(runner, cfg)
             if spec.num_classes is not None and detector.num_classes != spec.num_classes:
                 raise ValueError(f"{spec.weights}: the network has {detector.num_classes} classes; model "

@@ -105,6 +105,9 @@ class ModelSpec(BaseModel):
     latency_slo_ms: float | None = Field(None, gt=0.0)  # None: the service's RTMDET_LATENCY_SLO_MS
     # The box branch at the candidates only (model.inference.sparse_regression): CPU, float32 runners.
     sparse_regression: bool = True
+    # square: every image padded to input_size x input_size (the official pipeline); tight: only up to a multiple of
+    # 32, so a 4:3 photo runs at 640 x 480 (model.inference.preprocess). Not for a static-shape export.
+    canvas: Literal["square", "tight"] = "square"
     triton: TritonSettings = Field(default_factory=TritonSettings)
 
     _known_size = field_validator("size")(known_size)
@@ -132,6 +135,7 @@ class ServiceSettings(BaseSettings):
     # On the CPU, the head's box branch runs at the points that pass the score threshold only, after the rest of
     # the network (model.inference.sparse_regression): the same boxes for less work. false: the dense head.
     sparse_regression: bool = True
+    canvas: Literal["square", "tight"] = "square"  # see ModelSpec.canvas
     # None: the checkpoint's training size (meta `img_size`), else 640.
     input_size: int | None = Field(None, ge=32, le=4096)
     class_names: list[str] | None = None  # override the checkpoint's class names
@@ -244,7 +248,8 @@ class ServiceSettings(BaseSettings):
         return {"device": self.device, "fp16": self.fp16, "backend": self.backend, "size": self.size,
                 "accelerate": self.accelerate, "calibration": self.calibration,
                 "auto_candidates": self.auto_candidates, "auto_choices_file": self.auto_choices_file,
-                "sparse_regression": self.sparse_regression, "triton": self.triton_settings()}
+                "sparse_regression": self.sparse_regression, "canvas": self.canvas,
+                "triton": self.triton_settings()}
 
     def default_spec(self) -> ModelSpec:
         """The model served when neither --model nor a repository is given (RTMDET_WEIGHTS, the shipped one)."""

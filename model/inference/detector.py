@@ -16,8 +16,8 @@ from model.classes import COCO_CLASSES
 from model.config import PAD_VALUE, TestConfig
 from model.errors import ImageError
 from model.inference.detections import Detections, DetectParams
-from model.inference.preprocess import LetterboxInfo
-from model.inference.runner import HeadOutputs, NetworkInfo, Runner, RunnerOutputs, SparseHeadOutputs
+from model.inference.preprocess import LetterboxInfo, orientation_groups, resized_shape, round_up
+from model.inference.runner import HeadOutputs, NetworkInfo, Runner, RunnerOutputs, SparseHeadOutputs, blank_batch
 from model.inference.runner_choice import CANDIDATES as AUTO_CANDIDATES
 from model.inference.runner_choice import AutoChoice
 from model.inference.torch_runner import TorchRunner
@@ -104,6 +104,7 @@ class Detector:
         return det
 
     def _attach(self, runner: Runner, cfg: TestConfig) -> None:
+        check_canvas(runner.info, cfg)
         self.runner = runner
         self.transform = DetectionTransform(runner.info.class_names, runner.info.strides, cfg, runner.device)
 
@@ -131,6 +132,7 @@ class Detector:
 
     @cfg.setter
     def cfg(self, cfg: TestConfig) -> None:
+        check_canvas(self.info, cfg)
         self.transform.cfg = cfg
 
     @property
@@ -212,14 +214,26 @@ class Detector:
         return self.transform.postprocess(outputs, infos, cfg, params)
 
     def __call__(self, images: Sequence[np.ndarray], cfg: TestConfig | None = None) -> list[Detections]:
-        if len(images) == 0:
-            return []
-        batch, infos = self.preprocess(images)
-        return self.postprocess(self.forward(batch), infos, cfg)
+        """One `Detections` per image, in order. On the `tight` canvas, landscape and portrait images run as two
+        batches (`orientation_groups`); on the square canvas, as one."""
+        results: list[Detections | None] = [None] * len(images)
+        groups = orientation_groups([img.shape[:2] for img in images]) if self.cfg.canvas == "tight" else \
+            [list(range(len(images)))] if len(images) else []
+        for group in groups:
+            batch, infos = self.preprocess([images[i] for i in group])
+            for i, dets in zip(group, self.postprocess(self.forward(batch), infos, cfg), strict=True):
+                results[i] = dets
+        return results
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Warm the runner at each batch size, then the whole path once."""
+        """Warm the runner at each batch size, then the whole path once. On the `tight` canvas, each batch size
+        also at a landscape and a portrait 4:3 canvas: inductor then compiles its graph for any height and width
+        now rather than on live traffic, and OpenVINO has the commonest photo shapes compiled."""
         self.runner.warmup(batch_sizes, self.input_size)
+        if self.cfg.canvas == "tight":
+            for h, w in tight_warmup_canvases(self.input_size, max(self.strides)):
+                for b in batch_sizes:
+                    self.forward(blank_batch(b, h, w))
         self([np.full((self.input_size, self.input_size, 3), PAD_VALUE, dtype=np.uint8)])
 
     def probe(self, image: np.ndarray) -> None:
@@ -239,6 +253,21 @@ class Detector:
 
     def close(self) -> None:
         self.runner.close()
+
+
+def check_canvas(info: NetworkInfo, cfg: TestConfig) -> None:
+    """Refuse the `tight` canvas for a runner whose graph takes only a square input (an export with static
+    height and width): one line at start-up instead of a shape error on every batch."""
+    if cfg.canvas == "tight" and info.fixed_input_size:
+        raise ValueError(f"the tight canvas needs a network that takes any height and width; this one "
+                         f"({info.backend}) takes only {info.input_size}x{info.input_size}: use the square canvas, "
+                         "or export with a dynamic canvas")
+
+
+def tight_warmup_canvases(size: int, multiple: int) -> list[tuple[int, int]]:
+    """The 4:3 landscape and portrait canvases at `size` (640: 480 x 640 and 640 x 480)."""
+    short = round_up(resized_shape(3, 4, size)[0], multiple)
+    return [(short, size), (size, short)] if short != size else []
 
 
 def load_image(path: str | Path) -> np.ndarray:

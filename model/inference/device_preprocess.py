@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import PAD_VALUE
-from model.inference.preprocess import LetterboxInfo, resized_shape
+from model.inference.preprocess import LetterboxInfo, canvas_shape, resized_shape
 
 
 def decode_jpegs(data: Sequence[bytes], device: torch.device | str) -> list[torch.Tensor]:
@@ -34,22 +34,27 @@ def decode_jpegs(data: Sequence[bytes], device: torch.device | str) -> list[torc
         return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=torch.device(device)))
 
 
-def letterbox_rgb_chw(images: Sequence[torch.Tensor], size: int) -> tuple[torch.Tensor, list[LetterboxInfo]]:
-    """RGB uint8 (3, H, W) images (any device) -> BGR uint8 (B, size, size, 3) letterboxed batch and infos.
+def letterbox_rgb_chw(images: Sequence[torch.Tensor], size: int,
+                      multiple: int | None = None) -> tuple[torch.Tensor, list[LetterboxInfo]]:
+    """RGB uint8 (3, H, W) images (any device) -> BGR uint8 (B, size, size, 3) letterboxed batch and infos; with
+    `multiple`, the `tight` canvas (B, H, W, 3) that holds every image rounded up to multiples of it.
 
     Same rule as `preprocess.letterbox`: long side to `size` (MMDetection's rounding), bilinear with
     half-pixel centres (as cv2.INTER_LINEAR), padded bottom/right with 114.
     """
     if not images:
         raise ValueError("no images")
-    device = images[0].device
-    out = torch.full((len(images), size, size, 3), PAD_VALUE, dtype=torch.uint8, device=device)
-    infos = []
-    for i, img in enumerate(images):
+    for img in images:
         if img.ndim != 3 or img.shape[0] != 3 or img.dtype != torch.uint8:
             raise ValueError(f"expected a 3 x H x W uint8 RGB tensor, got {img.dtype} {tuple(img.shape)}")
+    device = images[0].device
+    resized_shapes = [resized_shape(*img.shape[1:], size) for img in images]
+    canvases = [canvas_shape(nh, nw, size, multiple) for nh, nw in resized_shapes]
+    out = torch.full((len(images), max(h for h, _ in canvases), max(w for _, w in canvases), 3), PAD_VALUE,
+                     dtype=torch.uint8, device=device)
+    infos = []
+    for i, (img, (nh, nw)) in enumerate(zip(images, resized_shapes, strict=True)):
         h, w = img.shape[1:]
-        nh, nw = resized_shape(h, w, size)
         if (nh, nw) == (h, w):
             resized = img
         else:
@@ -60,8 +65,8 @@ def letterbox_rgb_chw(images: Sequence[torch.Tensor], size: int) -> tuple[torch.
     return out, infos
 
 
-def preprocess_jpegs(data: Sequence[bytes], size: int,
-                     device: torch.device | str) -> tuple[torch.Tensor, list[LetterboxInfo]]:
-    """JPEG bytes -> the letterboxed uint8 batch on `device` and its infos: decode and resize never touch
-    the host's pixels when `device` is a GPU."""
-    return letterbox_rgb_chw(decode_jpegs(data, device), size)
+def preprocess_jpegs(data: Sequence[bytes], size: int, device: torch.device | str,
+                     multiple: int | None = None) -> tuple[torch.Tensor, list[LetterboxInfo]]:
+    """JPEG bytes -> the letterboxed uint8 batch on `device` and its infos (`multiple`: the `tight` canvas, as
+    `letterbox_rgb_chw`): decode and resize never touch the host's pixels when `device` is a GPU."""
+    return letterbox_rgb_chw(decode_jpegs(data, device), size, multiple)

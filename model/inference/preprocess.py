@@ -1,6 +1,11 @@
 """Letterbox and normalise: the official RTMDet test pipeline, batched.
 
 cv2 images are BGR and stay BGR (MMDetection's RTMDet does not flip channels).
+
+Two canvases (`TestConfig.canvas`): `square`, the official pipeline's (the resized image padded to size x size),
+and `tight`, the resized image padded only up to a multiple of the network's largest stride (what MMDetection's
+data preprocessor does without the pipeline's fixed `Pad`). A 4:3 photo at 640 is then 640 x 480, a quarter
+fewer pixels for the network; a batch of images of different shapes shares the smallest canvas that holds them all.
 """
 from __future__ import annotations
 
@@ -35,8 +40,21 @@ def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
     return max(int(h * s + 0.5), 1), max(int(w * s + 0.5), 1)
 
 
-def letterbox(image: np.ndarray, size: int = 640) -> tuple[np.ndarray, LetterboxInfo]:
-    """Resize (bilinear) keeping the aspect ratio, pad bottom/right with 114 to size x size."""
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def canvas_shape(resized_h: int, resized_w: int, size: int, multiple: int | None) -> tuple[int, int]:
+    """The canvas a `resized_h` x `resized_w` image is padded to: size x size, or with `multiple` (the `tight`
+    canvas) each side rounded up to a multiple of it."""
+    if multiple is None:
+        return size, size
+    return round_up(resized_h, multiple), round_up(resized_w, multiple)
+
+
+def letterbox(image: np.ndarray, size: int = 640, multiple: int | None = None) -> tuple[np.ndarray, LetterboxInfo]:
+    """Resize (bilinear) keeping the aspect ratio, pad bottom/right with 114 to size x size (or, with
+    `multiple`, to the resized shape rounded up to multiples of it: the `tight` canvas)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an H x W x 3 uint8 BGR image, got {image.dtype} {image.shape}")
     h, w = image.shape[:2]
@@ -44,7 +62,7 @@ def letterbox(image: np.ndarray, size: int = 640) -> tuple[np.ndarray, Letterbox
         raise ValueError("image has zero width or height")
     nh, nw = resized_shape(h, w, size)
     resized = image if (nh, nw) == (h, w) else cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
+    canvas = np.full((*canvas_shape(nh, nw, size, multiple), 3), PAD_VALUE, dtype=np.uint8)
     canvas[:nh, :nw] = resized
     return canvas, LetterboxInfo(h, w, nw / w, nh / h)
 
@@ -67,6 +85,34 @@ class Normalizer:
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
 
+def orientation_groups(shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Indices of the landscape (and square) and of the portrait `(height, width)` shapes, each group in order,
+    empty groups left out. On the `tight` canvas a batch runs one forward per group: one canvas holding a 4:3
+    landscape and a 4:3 portrait image is the full square, so every image would lose what `tight` saves."""
+    groups: tuple[list[int], list[int]] = ([], [])
+    for i, (h, w) in enumerate(shapes):
+        groups[h > w].append(i)
+    return [g for g in groups if g]
+
+
 def stack_letterboxed(canvases: Sequence[np.ndarray], pin_memory: bool = False) -> torch.Tensor:
-    batch = torch.from_numpy(np.stack(canvases))
+    """(B, H, W, 3): canvases of different shapes (`tight` ones) padded bottom/right to the largest."""
+    batch = join_batches([torch.from_numpy(c)[None] for c in canvases])
     return batch.pin_memory() if pin_memory else batch
+
+
+def join_batches(batches: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Letterboxed uint8 batches (B_i, H_i, W_i, 3) as one, each padded bottom/right to the largest canvas
+    (the padding is the letterbox's own grey, so an image's boxes do not move)."""
+    if len(batches) == 1:
+        return batches[0]
+    h, w = max(b.shape[1] for b in batches), max(b.shape[2] for b in batches)
+    if all(b.shape[1:3] == (h, w) for b in batches):
+        return torch.cat(list(batches))
+    out = torch.full((sum(b.shape[0] for b in batches), h, w, 3), PAD_VALUE, dtype=torch.uint8,
+                     device=batches[0].device)
+    start = 0
+    for b in batches:
+        out[start:start + b.shape[0], :b.shape[1], :b.shape[2]] = b
+        start += b.shape[0]
+    return out

@@ -1,6 +1,7 @@
 """The Runner protocol: what differs between engines (eager, TorchScript, CUDA graphs, ONNX Runtime, Triton).
 
-A runner takes the letterboxed uint8 batch (B, S, S, 3) BGR and returns the network's raw outputs; it
+A runner takes the letterboxed uint8 batch (B, S, S, 3) BGR (or (B, H, W, 3) on the `tight` canvas, where
+`NetworkInfo.fixed_input_size` is False) and returns the network's raw outputs; it
 never sees an original image or a detection threshold: `model.inference.transform` owns everything
 before and after it. Three output kinds exist, one per kind of exported graph, and a fourth, the head maps
 with the box branch left for post-processing to run at the candidates alone.
@@ -94,6 +95,7 @@ class Runner(Protocol):
         ...
 
 
-def blank_batch(batch_size: int, input_size: int) -> torch.Tensor:
-    """A batch of padding-grey canvases: what warm-ups run (real pixel values, no special cases)."""
-    return torch.full((batch_size, input_size, input_size, 3), PAD_VALUE, dtype=torch.uint8)
+def blank_batch(batch_size: int, height: int, width: int | None = None) -> torch.Tensor:
+    """A batch of padding-grey canvases, height x width (square without `width`): what warm-ups run (real pixel
+    values, no special cases)."""
+    return torch.full((batch_size, height, width or height, 3), PAD_VALUE, dtype=torch.uint8)

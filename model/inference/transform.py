@@ -1,7 +1,8 @@
 """DetectionTransform: everything before and after the network, whatever engine runs it.
 
-In: BGR uint8 images -> letterboxed uint8 batch (B, S, S, 3) plus one `LetterboxInfo` per image
-(normalisation happens inside the runner, on its device, so only uint8 ever crosses to an engine).
+In: BGR uint8 images -> letterboxed uint8 batch (B, S, S, 3), or (B, H, W, 3) on the `tight` canvas, plus one
+`LetterboxInfo` per image (normalisation happens inside the runner, on its device, so only uint8 ever crosses to
+an engine).
 Out: raw runner outputs -> decode (head maps) -> score filter, top-k -> per-image cut (`DetectParams`:
 threshold, classes) -> class-aware NMS keeping each image's best -> original pixels -> one `Detections`
 per image.
@@ -68,16 +69,22 @@ class DetectionTransform:
     def input_size(self) -> int:
         return self.cfg.input_size
 
+    @property
+    def canvas_multiple(self) -> int | None:
+        """What a `tight` canvas's sides are multiples of (the largest stride); None for the square canvas."""
+        return max(self.strides) if self.cfg.canvas == "tight" else None
+
     # -- in -----------------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[LetterboxInfo]]:
-        """Letterbox each image (on the CPU) into one uint8 batch (B, S, S, 3)."""
-        canvases, infos = zip(*(letterbox(img, self.input_size) for img in images))
+        """Letterbox each image (on the CPU) into one uint8 batch (B, S, S, 3), or on the `tight` canvas
+        (B, H, W, 3), the smallest that holds every image."""
+        canvases, infos = zip(*(letterbox(img, self.input_size, self.canvas_multiple) for img in images))
         return stack_letterboxed(canvases, pin_memory=self.device.type == "cuda"), list(infos)
 
     def preprocess_jpegs(self, data: Sequence[bytes]) -> tuple[torch.Tensor, list[LetterboxInfo]]:
         """JPEG bytes -> the letterboxed uint8 batch already on the device (nvJPEG decode and resize on CUDA:
         the CPU only parses headers). Pixels within a level or two of `preprocess`'s; same infos."""
-        return preprocess_jpegs(data, self.input_size, self.device)
+        return preprocess_jpegs(data, self.input_size, self.device, self.canvas_multiple)
 
     # -- out ----------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -7,6 +7,7 @@ import sys
 
 from model.cli_support import (
     add_accelerate_arguments,
+    add_canvas_argument,
     add_weights_key_argument,
     device_name,
     non_negative_int,
@@ -105,6 +106,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="no progress bar (it is shown only when stderr is a terminal)")
     add_weights_key_argument(p)
     add_accelerate_arguments(p)
+    add_canvas_argument(p)
     p.set_defaults(func=run_eval)
 
 
@@ -134,7 +136,8 @@ def run_eval(args: argparse.Namespace) -> int:
     result, detections = evaluate_model_full(model, dataset, args.img_size,
                                              None if args.device == "auto" else args.device, args.batch_size,
                                              backend=backend, progress=False if args.no_progress else None,
-                                             accelerate=args.accelerate, calibration=args.calibration)
+                                             accelerate=args.accelerate, calibration=args.calibration,
+                                             canvas=args.canvas)
     if args.save_json:
         save_results_json(args.save_json, detections, dataset.label_to_cat_id)
     if args.plot_pr:

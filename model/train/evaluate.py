@@ -58,11 +58,12 @@ def evaluate_model_full(model: nn.Module, dataset: CocoDetection, img_size: int 
                         device: str | torch.device | None = None, batch_size: int = 8,
                         max_images: int | None = None, backend: str = "pycocotools",
                         progress: bool | None = False, accelerate: str | None = None,
-                        calibration=None) -> tuple[CocoEvalResult, dict[int, tuple]]:
+                        calibration=None, canvas: str = "square") -> tuple[CocoEvalResult, dict[int, tuple]]:
     """COCO evaluation of `model` (left untouched: the detector works on a fused copy) and its detections;
     `accelerate` / `calibration`: how the network runs (the Detector's arguments), e.g. a reduced-precision
-    runner whose accuracy cost is being measured."""
-    detector = Detector(model, class_names=dataset.class_names, device=device, test_cfg=TestConfig(input_size=img_size),
+    runner whose accuracy cost is being measured; `canvas`: the letterbox's (TestConfig.canvas)."""
+    detector = Detector(model, class_names=dataset.class_names, device=device,
+                        test_cfg=TestConfig(input_size=img_size, canvas=canvas),
                         fuse=True, accelerate=accelerate, calibration=calibration)
     results = predict_dataset(detector, dataset, batch_size, max_images, progress)
     return evaluate_coco_full(dataset.coco, results, dataset.label_to_cat_id, list(results), backend), results
