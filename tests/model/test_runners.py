@@ -51,6 +51,22 @@ def batches(*sizes, seed=0):
     return [torch.randint(0, 256, (b, SIZE, SIZE, 3), dtype=torch.uint8, generator=g) for b in sizes]
 
 
+def test_onnx_runtime_and_openvino_runners_take_any_canvas_the_tight_letterbox_makes(net, onnx_runners):
+    """The runners' export has a symbolic height and width: tight canvases (any multiples of 32, either
+    orientation, other than the exported square) give eager's outputs, maps of the canvas's shape."""
+    network, _ = net
+    eager = EagerRunner(network, Normalizer(torch.device("cpu"), channels_last=True))
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, SIZE - 32, SIZE), (2, SIZE, SIZE - 64), (1, SIZE + 64, SIZE)]:
+        x = torch.randint(0, 256, (*shape, 3), dtype=torch.uint8, generator=g)
+        want = eager(x)
+        assert [tuple(w.shape[2:]) for w in want[0]] == [(shape[1] // s, shape[2] // s) for s in (8, 16, 32)]
+        for runner in onnx_runners:
+            got = runner(x)
+            assert [t.shape for t in got[0] + got[1]] == [t.shape for t in want[0] + want[1]], runner.name
+            assert 0 < peak_relative_error(got, want) <= PEAK_TOLERANCE, runner.name
+
+
 def test_onnx_runtime_and_openvino_runners_give_eager_outputs_at_any_batch(net, onnx_runners):
     network, _ = net
     eager = EagerRunner(network, Normalizer(torch.device("cpu"), channels_last=True))
