@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench_revisions.py --old HEAD~1 [--new WORKTREE] [--input-size 320]
         [--protocol http|grpc] [--concurrency 32] [--duration 15] [--rounds 4] [--weights FILE]
+        [--new-env KEY=VALUE ...]
 
 `--old` (and `--new`, default: this working tree as it is) is any git revision; it is checked out into a
 temporary `git worktree`, removed at the end. Both servers run at once on this machine (the idle one costs
@@ -10,7 +11,8 @@ nothing), with the same settings and the same checkpoint (default: bench_service
 an image, so post-processing and the answers cost what they do with a busy model); the load generator
 alternates between them, old first in even rounds, new first in odd ones, so both see the same drift of a
 shared machine. Prints each window and the median ratio new/old. Windows count whole answered requests, so
-with batches of 8 their throughput moves in steps of 8 / duration.
+with batches of 8 their throughput moves in steps of 8 / duration. `--new-env` sets the new server's environment
+only: `--old HEAD --new-env RTMDET_CANVAS=tight` is one tree against itself with one setting changed.
 """
 from __future__ import annotations
 
@@ -76,7 +78,10 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=15.0)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--image", type=Path, default=REPO / "examples" / "astronaut.jpg")
+    ap.add_argument("--new-env", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="environment for the new server only (a setting against itself)")
     args = ap.parse_args()
+    new_env = dict(kv.split("=", 1) for kv in args.new_env)
     data = args.image.read_bytes()
     with tempfile.TemporaryDirectory(prefix="rtmdet-bench-") as tmp, \
             checked_out(args.old) as old_tree, checked_out(args.new) as new_tree:
@@ -84,7 +89,8 @@ def main() -> int:
         if weights is None:
             weights = Path(tmp) / "random_tiny.pth"
             save_checkpoint(weights, bs.lively_random_model("tiny").state_dict(), make_meta())
-        servers = {"old": bs.start_server(weights, args, old_tree), "new": bs.start_server(weights, args, new_tree)}
+        servers = {"old": bs.start_server(weights, args, old_tree),
+                   "new": bs.start_server(weights, args, new_tree, new_env)}
         got: dict[str, list[float]] = {"old": [], "new": []}
         try:
             for r in range(args.rounds):
@@ -97,7 +103,8 @@ def main() -> int:
     old, new = statistics.median(got["old"]), statistics.median(got["new"])
     ratios = " ".join(f"{b / a:.3f}" for a, b in zip(got["old"], got["new"]))
     print(f"{args.protocol} at {args.input_size}, concurrency {args.concurrency}: old {args.old} {old:.2f} img/s, "
-          f"new {args.new or 'working tree'} {new:.2f} img/s, new/old {new / old:.3f}x (per round: {ratios})")
+          f"new {args.new or 'working tree'} {' '.join(args.new_env)} {new:.2f} img/s, "
+          f"new/old {new / old:.3f}x (per round: {ratios})")
     return 0
 
 

@@ -214,9 +214,10 @@ def wait_for(url: str, proc: subprocess.Popen, end: float, period: float = 0.02)
     raise SystemExit(f"{url} did not answer in time")
 
 
-def start_server(weights: Path, args, tree: Path = REPO) -> tuple[subprocess.Popen, str, str]:
-    """`rtmdet serve` of the code in `tree` (another checkout: bench_revisions.py), ready; (process, HTTP base
-    URL, gRPC target)."""
+def start_server(weights: Path, args, tree: Path = REPO,
+                 extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
+    """`rtmdet serve` of the code in `tree` (another checkout: bench_revisions.py), ready, with `extra_env` on top
+    of the benchmark's settings; (process, HTTP base URL, gRPC target)."""
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "RTMDET_INPUT_SIZE": str(args.input_size), "RTMDET_MAX_BATCH_SIZE": str(args.batch),
            "RTMDET_DEVICE": "cpu", "RTMDET_MAX_QUEUE_SIZE": "256", "PYTHONPATH": str(tree)}
@@ -225,6 +226,7 @@ def start_server(weights: Path, args, tree: Path = REPO) -> tuple[subprocess.Pop
         env["RTMDET_ACCELERATE"] = args.accelerate
     if getattr(args, "sparse_regression", None) is not None:  # else the server's default
         env["RTMDET_SPARSE_REGRESSION"] = str(args.sparse_regression).lower()
+    env.update(extra_env or {})
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve", "--weights", str(weights), "--size", args.size,
                              "--http-port", str(http_port), "--grpc-port", str(grpc_port)], cwd=tree, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

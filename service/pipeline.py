@@ -145,7 +145,7 @@ class DetectionService:
                          input_size=v.detector.input_size, device=i.device, dtype=i.dtype,
                          weights_sha256=i.weights_sha256, backend=i.backend, runner=i.accelerate or i.backend,
                          runner_choice=choice.summary() if choice is not None else None,
-                         sparse_regression=i.sparse_regression, **base)
+                         sparse_regression=i.sparse_regression, canvas=v.detector.cfg.canvas, **base)
 
     def model_list(self) -> ModelList:
         return ModelList(default=self.registry.default_name, models=[self.model_info(n) for n in self.registry.names()])

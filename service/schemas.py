@@ -93,6 +93,8 @@ class ModelInfo(BaseModel):
                                                         "the winners, or where a reused measurement came from")
     sparse_regression: bool = Field(False, description="the head's box branch runs at the candidate points only, "
                                                        "after the rest of the network (RTMDET_SPARSE_REGRESSION)")
+    canvas: str = Field("square", description="the letterbox's canvas: square (input_size x input_size) or tight "
+                                              "(padded only to a multiple of 32; RTMDET_CANVAS)")
 
 
 class ModelList(BaseModel):

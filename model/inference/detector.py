@@ -196,6 +196,7 @@ class Detector:
     def describe(self) -> dict:
         i = self.info
         return {"name": i.name, "size": i.size, "classes": list(self.class_names), "input_size": self.input_size,
+                "canvas": self.cfg.canvas,
                 "device": i.device, "dtype": i.dtype, "accelerate": i.accelerate, "backend": i.backend,
                 "weights_sha256": i.weights_sha256}
 

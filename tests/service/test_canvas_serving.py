@@ -57,6 +57,7 @@ def test_a_tight_canvas_service_runs_each_orientation_on_its_own_canvas(checkpoi
     svc = DetectionService(settings, metrics, ModelRegistry(settings, metrics, runner_factory=factory))
     svc.load()
     try:
+        assert svc.model_info(None).canvas == "tight"  # what GET /v1/models says
         landscape = photos["coffee"]  # 300 x 200: 160 x 107 at 160, a 128 x 160 canvas
         portrait = np.ascontiguousarray(landscape.transpose(1, 0, 2))
         images = [landscape, portrait, landscape, portrait]
