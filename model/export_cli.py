@@ -19,9 +19,12 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="onnx", choices=FORMATS,
                    help="onnx: one .onnx file; triton: a model repository folder (ONNX inside, dynamic batch)")
     p.add_argument("--out", type=Path, required=True, help="the .onnx file, or the repository folder for triton")
-    p.add_argument("--img-size", type=int, default=640, help="square input size the graph is fixed to")
+    p.add_argument("--img-size", type=int, default=640,
+                   help="input size: the square the graph is fixed to (with --dynamic-canvas, the one it is traced at)")
     p.add_argument("--fp16", action="store_true", help="half-precision weights and activations inside the graph")
     p.add_argument("--dynamic-batch", action="store_true", help="a variable batch axis (always on for triton)")
+    p.add_argument("--dynamic-canvas", action="store_true",
+                   help="a variable height and width (multiples of 32), for the tight canvas (onnx format only)")
     p.add_argument("--batch-size", type=int, default=1, help="the fixed batch size without --dynamic-batch")
     p.add_argument("--decode", action="store_true",
                    help="decode boxes inside the graph: outputs boxes (B,N,4) and scores (B,N,C) instead of heads")
@@ -62,12 +65,17 @@ def run_export(args: argparse.Namespace) -> int:
     names = class_names_from_meta(meta) or (list(COCO_CLASSES) if num_classes == 80
                                             else [f"class_{i}" for i in range(num_classes)])
     triton = args.format == "triton"
+    if triton and args.dynamic_canvas:
+        print("error: --dynamic-canvas is for --format onnx: the service's Triton backend sends square canvases",
+              file=sys.stderr)
+        return 2
     onnx_path = args.out / args.model_name / "1" / "model.onnx" if triton else args.out
     try:
         report = export_onnx(model, onnx_path, names, input_size=args.img_size,
                              layout="decoded" if args.decode else "heads", fp16=args.fp16,
                              dynamic_batch=args.dynamic_batch or triton, batch_size=args.batch_size,
-                             weights_sha256=file_sha256(weights), check=not args.no_check)
+                             weights_sha256=file_sha256(weights), check=not args.no_check,
+                             dynamic_canvas=args.dynamic_canvas)
     except (RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -54,6 +54,12 @@ def test_rtmdet_export_gives_the_pytorch_detections(exported, photos, reference,
     assert_same(detector(photos), reference)
     info = detector.describe()
     assert info["backend"] == "onnx" and info["input_size"] == SIZE and info["size"] == "tiny"
+    # The file takes only its square: the tight canvas is refused in one line, not a shape error per batch.
+    assert runner.info.fixed_input_size
+    with pytest.raises(ValueError, match="tight canvas needs a network that takes any height and width"):
+        Detector.from_runner(runner, TestConfig.serving(input_size=SIZE, canvas="tight"))
+    with pytest.raises(ValueError, match="tight canvas"):
+        detector.cfg = detector.with_config(canvas="tight")
 
 
 class MMDeployStyleEndToEnd(nn.Module):

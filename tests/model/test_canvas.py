@@ -124,23 +124,50 @@ def test_the_shipped_model_on_tight_canvases_finds_what_it_finds_on_square_ones(
             np.testing.assert_array_equal(batch[i].labels, dets.labels)
 
 
-def test_the_tight_canvas_is_refused_for_an_export_that_takes_only_a_square(tmp_path):
-    from model.export import export_onnx
-    from model.nn.rtmdet import build_rtmdet
-    from model.testing import fill_deterministic
-    from service.backends.onnx import OnnxRunner
-
-    path = tmp_path / "static.onnx"
-    export_onnx(fill_deterministic(build_rtmdet("tiny", num_classes=2), 1), path, ["a", "b"], input_size=64)
-    runner = OnnxRunner(path)
-    assert runner.info.fixed_input_size
-    with pytest.raises(ValueError, match="tight canvas needs a network that takes any height and width"):
-        Detector.from_runner(runner, TestConfig.serving(input_size=64, canvas="tight"))
-    det = Detector.from_runner(runner, TestConfig.serving(input_size=64))
-    with pytest.raises(ValueError, match="tight canvas"):
-        det.cfg = det.with_config(canvas="tight")
-
-
 def test_a_canvas_that_is_neither_is_refused():
     with pytest.raises(ValueError, match="canvas must be one of square, tight"):
         TestConfig(canvas="round")
+
+
+def test_the_device_letterbox_makes_the_same_tight_canvas_as_the_cv2_one():
+    """The GPU path's letterbox (run here on the CPU): same tight canvas, same infos, pixels within a level."""
+    from model.inference.device_preprocess import letterbox_rgb_chw
+
+    images = [gradient(960, 1280), gradient(1280, 720), gradient(300, 400)]
+    rgb = [torch.from_numpy(np.ascontiguousarray(i[:, :, ::-1])).permute(2, 0, 1) for i in images]
+    out, infos = letterbox_rgb_chw(rgb, 320, multiple=32)
+    want, want_infos = zip(*(letterbox(i, 320, multiple=32) for i in images))
+    assert out.shape == (3, 320, 320, 3)  # the largest of 256 x 320, 320 x 192 and 256 x 320
+    assert list(infos) == list(want_infos)
+    for o, w in zip(out, want, strict=True):
+        diff = np.abs(o[:w.shape[0], :w.shape[1]].numpy().astype(int) - w.astype(int))
+        assert diff.max() <= 1
+        assert (o[w.shape[0]:] == PAD_VALUE).all() and (o[:, w.shape[1]:] == PAD_VALUE).all()
+    landscapes, _ = letterbox_rgb_chw([rgb[0], rgb[2]], 320, multiple=32)
+    assert landscapes.shape == (2, 256, 320, 3)  # 240 rounded up to 32
+
+
+def test_an_export_with_a_dynamic_canvas_serves_the_tight_canvas(tmp_path):
+    """`rtmdet export --dynamic-canvas`: the ONNX backend takes tight canvases and gives the torch Detector's
+    detections on them."""
+    from model.export import export_onnx
+    from service.backends.onnx import OnnxRunner
+    from tests.model.test_detector import confident_model
+
+    model = confident_model()
+    path = tmp_path / "dynamic.onnx"
+    report = export_onnx(model, path, ["a", "b", "c"], input_size=96, dynamic_batch=True, dynamic_canvas=True)
+    assert report.passed and report.dynamic_canvas
+    runner = OnnxRunner(path)
+    assert not runner.info.fixed_input_size and runner.info.input_size == 96
+    cfg = TestConfig(input_size=96, score_thr=0.3, canvas="tight")
+    onnx = Detector.from_runner(runner, cfg)
+    torch_det = Detector(model, ["a", "b", "c"], device="cpu", test_cfg=cfg)
+    images = [gradient(60, 96), gradient(96, 40), gradient(30, 90)]
+    seen = Recorded(onnx)
+    got, want = onnx(images), torch_det(images)
+    assert sorted(s[1:3] for s in seen.shapes) == [(64, 96), (96, 64)]
+    for g, w in zip(got, want, strict=True):
+        assert len(w.boxes) > 0
+        np.testing.assert_array_equal(g.labels, w.labels)
+        np.testing.assert_allclose(g.boxes, w.boxes, atol=1e-2)
