@@ -217,9 +217,11 @@ class Detector:
     def __call__(self, images: Sequence[np.ndarray], cfg: TestConfig | None = None) -> list[Detections]:
         """One `Detections` per image, in order. On the `tight` canvas, landscape and portrait images run as two
         batches (`orientation_groups`); on the square canvas, as one."""
+        if len(images) == 0:
+            return []
+        everything = [list(range(len(images)))]
+        groups = orientation_groups([img.shape[:2] for img in images]) if self.cfg.canvas == "tight" else everything
         results: list[Detections | None] = [None] * len(images)
-        groups = orientation_groups([img.shape[:2] for img in images]) if self.cfg.canvas == "tight" else \
-            [list(range(len(images)))] if len(images) else []
         for group in groups:
             batch, infos = self.preprocess([images[i] for i in group])
             for i, dets in zip(group, self.postprocess(self.forward(batch), infos, cfg), strict=True):
