@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # 18 s of the default run's 15 minutes; the tight canvas itself is tested in the default run
 def test_bench_canvas_prints_its_table():
     cmd = [sys.executable, str(ROOT / "bench" / "bench_canvas.py"), "--sizes", "tiny", "--input-size", "96",
            "--batches", "2", "--threads", "1", "--shapes", "16:9", "3:4", "--seconds", "0.05", "--rounds", "1"]
