@@ -178,7 +178,10 @@ class DynamicBatcher:
         size = getattr(self.model, "input_size", None)
         if preprocess is None or size is None:
             return
-        one, infos = preprocess([np.zeros((size, size, 3), np.uint8)])
+        # On the tight canvas a 16:9 frame, the smallest canvas of the common photo shapes (640: 384 x 640): the
+        # square's times would be too high for every other shape, and too high is what is never corrected.
+        tight = getattr(getattr(self.model, "cfg", None), "canvas", "square") == "tight"
+        one, infos = preprocess([np.zeros((round(size * 9 / 16) if tight else size, size, 3), np.uint8)])
         for n in sorted({min(2 ** i, self.max_batch_size) for i in range(self.max_batch_size.bit_length() + 1)}):
             batch = one.expand(n, *one.shape[1:]).contiguous()
             runs = []

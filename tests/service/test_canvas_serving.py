@@ -80,3 +80,22 @@ def test_a_tight_canvas_service_runs_each_orientation_on_its_own_canvas(checkpoi
         assert len(want.boxes) > 0
         np.testing.assert_array_equal(outcome.detections.labels, want.labels)
         np.testing.assert_allclose(outcome.detections.boxes, want.boxes, atol=1e-3)
+
+
+def test_the_slo_batcher_learns_its_first_times_on_a_tight_canvas(checkpoint):
+    """With an SLO, the batcher times each batch size at start. On the tight canvas it times a 16:9 frame's canvas,
+    not the square: a learned time too high is never corrected (too few requests admitted to form that batch)."""
+    from service.batcher import DynamicBatcher
+
+    det = Detector.from_checkpoint(checkpoint, device="cpu", test_cfg=TestConfig.serving(input_size=SIZE,
+                                                                                        canvas="tight"))
+    runner = RecordingRunner(det.runner)
+    det.runner = runner
+    batcher = DynamicBatcher(det, ServiceMetrics().for_model("m"), max_batch_size=4, latency_slo_s=1.0)
+    batcher.start()
+    try:
+        assert {s[1:3] for s in runner.shapes} == {(96, 160)}  # 160 x 90 rounded up to 32
+        assert sorted({s[0] for s in runner.shapes}) == [1, 2, 4]
+        assert set(batcher.times.snapshot()) == {1, 2, 4}
+    finally:
+        batcher.stop(timeout=10)
