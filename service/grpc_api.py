@@ -59,7 +59,8 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
                         input_size=info.input_size, device=info.device, dtype=info.dtype,
                         weights_sha256=info.weights_sha256 or "", backend=info.backend, model=info.model,
                         state=info.state, default=info.default, error=info.error or "", runner=info.runner,
-                        runner_choice=info.runner_choice or "", sparse_regression=info.sparse_regression)
+                        runner_choice=info.runner_choice or "", sparse_regression=info.sparse_regression,
+                        canvas=info.canvas)
 
 
 class DetectorServicer(pb_grpc.DetectorServicer):

@@ -79,6 +79,7 @@ def test_model_info(client, checkpoint):
     info = client.model()
     assert info["classes"] == CLASS_NAMES and info["input_size"] == INPUT_SIZE and info["backend"] == "torch"
     assert (info["runner"], info["runner_choice"]) == ("eager", "")
+    assert info["canvas"] == "square"  # the official letterbox unless RTMDET_CANVAS says tight
 
 
 def code_of(call) -> grpc.StatusCode:

@@ -95,6 +95,7 @@ def test_health_ready_model_and_docs(server, client, checkpoint):
     assert info["classes"] == CLASS_NAMES and info["input_size"] == INPUT_SIZE
     assert (info["device"], info["dtype"], info["backend"], info["size"]) == ("cpu", "float32", "torch", "tiny")
     assert (info["runner"], info["runner_choice"]) == ("eager", None)  # the CPU's default runner, nothing measured
+    assert info["canvas"] == "square"  # the official letterbox unless RTMDET_CANVAS says tight
     assert httpx.get(f"{server.http}/docs").status_code == 200
     schema = httpx.get(f"{server.http}/openapi.json").json()
     assert "DetectResponse" in schema["components"]["schemas"]

@@ -169,7 +169,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, default_model: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "size", "version", "classes", "input_size", "device", "dtype", "weights_sha256", "backend", "model", "state", "default", "error", "runner", "runner_choice", "sparse_regression")
+    __slots__ = ("name", "size", "version", "classes", "input_size", "device", "dtype", "weights_sha256", "backend", "model", "state", "default", "error", "runner", "runner_choice", "sparse_regression", "canvas")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,7 @@ class ModelInfo(_message.Message):
     RUNNER_FIELD_NUMBER: _ClassVar[int]
     RUNNER_CHOICE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_REGRESSION_FIELD_NUMBER: _ClassVar[int]
+    CANVAS_FIELD_NUMBER: _ClassVar[int]
     name: str
     size: str
     version: str
@@ -202,4 +203,5 @@ class ModelInfo(_message.Message):
     runner: str
     runner_choice: str
     sparse_regression: bool
-    def __init__(self, name: _Optional[str] = ..., size: _Optional[str] = ..., version: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., default: _Optional[bool] = ..., error: _Optional[str] = ..., runner: _Optional[str] = ..., runner_choice: _Optional[str] = ..., sparse_regression: _Optional[bool] = ...) -> None: ...
+    canvas: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[str] = ..., version: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[str] = ..., default: _Optional[bool] = ..., error: _Optional[str] = ..., runner: _Optional[str] = ..., runner_choice: _Optional[str] = ..., sparse_regression: _Optional[bool] = ..., canvas: _Optional[str] = ...) -> None: ...
