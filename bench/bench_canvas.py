@@ -79,10 +79,10 @@ def bench(size: str, input_size: int, threads: int, batches: list[int], shapes: 
     model, names, pictures = source(workload, size)
     cfgs = {c: TestConfig.serving(input_size=input_size, canvas=c) for c in ("square", "tight")}
     base = Detector(model, names, device="cpu", test_cfg=cfgs["square"], accelerate="eager")
-    runners = runners_for(base, threads, inductor=False)
+    runners = runners_for(base, threads, inductor=False, any_canvas=True)  # the peers: a square-only export
     ours_base = Detector(model, names, device="cpu", test_cfg=cfgs["square"], accelerate="eager",
                          sparse_regression=True) if sparse else base
-    ours = runners_for(ours_base, threads, inductor=False, peers=False) if sparse else runners
+    ours = runners_for(ours_base, threads, inductor=False, peers=False, any_canvas=True) if sparse else runners
     examples = [base.preprocess(shaped(pictures, "1:1")(b))[0] for b in sorted({min(batches), max(batches)})]
     choice = auto_pick(ours, examples, threads)
     print(json.dumps({"size": size, "threads": threads, "workload": workload, "sparse": sparse,

@@ -101,17 +101,20 @@ def build_model(size: str):
     return model.eval()
 
 
-def runners_for(det: Detector, threads: int, inductor: bool, peers: bool = True) -> dict[str, object]:
+def runners_for(det: Detector, threads: int, inductor: bool, peers: bool = True,
+                any_canvas: bool = False) -> dict[str, object]:
     """Every runner of `det.engine_network` (the whole network, or without its box branch with sparse
-    regression); the plain runtimes too with `peers`."""
+    regression); the plain runtimes too with `peers`, always on a square-only export, as a plain user has it.
+    `any_canvas`: our runtime runners' export takes any height and width (the tight canvas)."""
     net = det.engine_network
     eager = EagerRunner(net, det.normalize)
     out: dict[str, object] = {"eager": eager, "inductor": InductorRunner(net, det.normalize) if inductor
                               else None}
-    with export_network(net, det.strides, det.input_size) as path:
+    with export_network(net, det.strides, det.input_size, any_canvas) as path:
         out["onnxruntime"] = OnnxRuntimeRunner(path, threads)
         out["openvino"] = OpenVINORunner(path, threads)
-        if peers:
+    if peers:
+        with export_network(net, det.strides, det.input_size) as path:
             out["ort_plain"] = OnnxRuntimeRunner(path, threads, streams=1)
             out["ov_plain"] = OpenVINORunner(path, threads, streams=1)
     return out

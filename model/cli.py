@@ -52,11 +52,10 @@ def run_detect(args: argparse.Namespace) -> int:
         size = args.size or zoo_size(args.weights) or "tiny"
         detector = Detector.from_checkpoint(weights, size=size, device=args.device, fp16=args.fp16,
                                             weights_key=args.weights_key or "ema", accelerate=args.accelerate,
-                                            calibration=args.calibration)
+                                            calibration=args.calibration, canvas=args.canvas)
     except ValueError as exc:  # a checkpoint that does not fit, fp16 without CUDA, ...
         raise UserError(str(exc)) from None
-    detector.cfg = detector.with_config(score_thr=args.score_thr, input_size=args.img_size or detector.input_size,
-                                        canvas=args.canvas)
+    detector.cfg = detector.with_config(score_thr=args.score_thr, input_size=args.img_size or detector.input_size)
     results = []
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start:start + args.batch_size]

@@ -195,11 +195,12 @@ class CudaGraphRunner:
 
 def build_runner(mode: str, net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
                  example_uint8: torch.Tensor, strides: Sequence[int], threads: int | None = None,
-                 calibration=None) -> Runner:
+                 calibration=None, any_canvas: bool = False) -> Runner:
     """The runner for a resolved, non-`auto` mode. `example_uint8` is a batch of the serving shape (traced by
     TorchScript, exported for the ONNX runtimes); `threads` (default: torch's) for the ONNX runtimes and the
     CPU's eager and inductor streams (model.inference.streams: a batch cut over one-thread streams);
-    `calibration` (model.inference.low_precision.Calibration) for `openvino-int8`."""
+    `calibration` (model.inference.low_precision.Calibration) for `openvino-int8`; `any_canvas`: the runtimes'
+    export takes any height and width (the `tight` canvas), not only `example_uint8`'s square."""
     if mode in ("eager", "inductor"):
         engine = EagerRunner(net, normalize) if mode == "eager" else InductorRunner(net, normalize)
         if on_cpu(net):
@@ -212,13 +213,13 @@ def build_runner(mode: str, net: nn.Module, normalize: Callable[[torch.Tensor], 
     if mode in ("onnxruntime", "openvino"):
         from model.inference.onnx_runners import build_onnx_runner, export_network
 
-        with export_network(net, strides, int(example_uint8.shape[1])) as path:
+        with export_network(net, strides, int(example_uint8.shape[1]), any_canvas) as path:
             return build_onnx_runner(mode, path, threads or torch.get_num_threads())
     if mode in LOW_PRECISION_MODES:
         from model.inference.low_precision import build_low_precision_runner
         from model.inference.onnx_runners import export_network
 
-        with export_network(net, strides, int(example_uint8.shape[1])) as path:
+        with export_network(net, strides, int(example_uint8.shape[1]), any_canvas) as path:
             return build_low_precision_runner(mode, path, threads or torch.get_num_threads(),
                                               int(example_uint8.shape[1]), calibration)
     raise ValueError(f"no runner for mode {mode!r}")

@@ -87,11 +87,12 @@ class Detector:
         names = list(class_names) if class_names is not None else list(COCO_CLASSES)
         if len(names) != model.num_classes:
             raise ValueError(f"{len(names)} class names for a model with {model.num_classes} classes")
+        cfg = test_cfg or TestConfig.serving()
         runner = TorchRunner(model, names, resolve_device(device), fp16=fp16, fuse=fuse, channels_last=channels_last,
                              accelerate=accelerate, weights_sha256=weights_sha256, auto_candidates=auto_candidates,
                              calibration=calibration, auto_choices_file=auto_choices_file,
-                             sparse_regression=sparse_regression)
-        self._attach(runner, test_cfg or TestConfig.serving())
+                             sparse_regression=sparse_regression, any_canvas=cfg.canvas == "tight")
+        self._attach(runner, cfg)
 
     @classmethod
     def from_runner(cls, runner: Runner, test_cfg: TestConfig | None = None) -> Detector:
@@ -110,15 +111,16 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, size: str = "tiny", device: str | torch.device | None = None,
-                        classes: Sequence[str] | None = None, weights_key: str = "ema", **kwargs) -> Detector:
+                        classes: Sequence[str] | None = None, weights_key: str = "ema", canvas: str = "square",
+                        **kwargs) -> Detector:
         """Build the network for `size`, load `path` strictly (`weights_key`: see `model.checkpoint`); class
         names from the argument, else the checkpoint's meta, else COCO's (the number of classes follows the
         checkpoint). Without a `test_cfg`, serving thresholds at the checkpoint's training size (meta
-        `img_size`, else 640)."""
+        `img_size`, else 640) on `canvas`."""
         model, names, meta = load_torch_network(path, size, classes, weights_key)
         if kwargs.get("test_cfg") is None:
             # A model trained at a small size (meta `img_size`) is served at that size unless told otherwise.
-            kwargs["test_cfg"] = TestConfig.serving(input_size=int(meta.get("img_size", 640)))
+            kwargs["test_cfg"] = TestConfig.serving(input_size=int(meta.get("img_size", 640)), canvas=canvas)
         return cls(model, names, device=device, weights_sha256=file_sha256(path), **kwargs)
 
     # -- what it is ---------------------------------------------------------------------------------
@@ -260,11 +262,18 @@ class Detector:
 
 def check_canvas(info: NetworkInfo, cfg: TestConfig) -> None:
     """Refuse the `tight` canvas for a runner whose graph takes only a square input (an export with static
-    height and width): one line at start-up instead of a shape error on every batch."""
-    if cfg.canvas == "tight" and info.fixed_input_size:
+    height and width, or a runtime runner exported for the square): one line at start-up instead of a shape
+    error on every batch."""
+    if cfg.canvas != "tight":
+        return
+    if info.fixed_input_size:
         raise ValueError(f"the tight canvas needs a network that takes any height and width; this one "
                          f"({info.backend}) takes only {info.input_size}x{info.input_size}: use the square canvas, "
                          "or export with a dynamic canvas")
+    if info.square_only:
+        raise ValueError(f"the tight canvas needs a network that takes any height and width; this {info.accelerate} "
+                         "runner was made for the square canvas: make the Detector with the tight canvas "
+                         "(test_cfg=TestConfig(canvas='tight'))")
 
 
 def tight_warmup_canvases(size: int, multiple: int) -> list[tuple[int, int]]:

@@ -39,16 +39,18 @@ from model.inference.streams import STREAM_TIMEOUT_S, filled_stream_slices, stre
 
 
 @contextlib.contextmanager
-def export_network(net: nn.Module, strides: Sequence[int], input_size: int) -> Iterator[Path]:
-    """The inference network (already fused) as a `heads`-layout ONNX file with a dynamic batch and canvas (any
-    height and width that are multiples of the largest stride: the `tight` canvas), in a temporary folder that is
-    removed on leaving (the runtimes have read it by then)."""
+def export_network(net: nn.Module, strides: Sequence[int], input_size: int,
+                   any_canvas: bool = False) -> Iterator[Path]:
+    """The inference network (already fused) as a `heads`-layout ONNX file with a dynamic batch, in a temporary
+    folder that is removed on leaving (the runtimes have read it by then). `any_canvas`: a symbolic height and
+    width too (any multiples of the largest stride: the `tight` canvas); the export then takes ~2.5 s longer for
+    tiny here (8-9 s against 5-7 s), so the square canvas does not pay for it."""
     module = ExportableRTMDet(copy.deepcopy(net).float().to(memory_format=torch.contiguous_format),
                               strides).eval()
     with tempfile.TemporaryDirectory(prefix="rtmdet-runner-") as tmp:
         path = Path(tmp) / "network.onnx"
         write_onnx(module, example_batch(2, input_size, 0), path, head_output_names(strides), dynamic_batch=True,
-                   dynamic_canvas=True)
+                   dynamic_canvas=any_canvas)
         yield path
 
 

@@ -65,6 +65,7 @@ class NetworkInfo:
     strides: tuple[int, ...] = STRIDES
     input_size: int | None = None  # the canvas side it was trained or exported at (None: not known)
     fixed_input_size: bool = False  # True when the graph only takes `input_size` (an export with static shape)
+    square_only: bool = False  # the engine takes only square canvases (a runtime runner exported for the square)
     weights_sha256: str | None = None
     accelerate: str | None = None  # the torch runner's mode (eager, onednn, cudagraph)
     sparse_regression: bool = False  # the box branch at the candidates only (model.inference.sparse_regression)

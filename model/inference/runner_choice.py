@@ -154,7 +154,7 @@ class ByBatchSize:
 
 
 def _builders(net: nn.Module, normalize: Callable, example: torch.Tensor, strides: Sequence[int], threads: int,
-              candidates: Sequence[str]) -> dict[str, Callable[[], Runner]]:
+              candidates: Sequence[str], any_canvas: bool = False) -> dict[str, Callable[[], Runner]]:
     builders: dict[str, Callable[[], Runner]] = {}
     exported: dict[str, object] = {}
 
@@ -165,7 +165,7 @@ def _builders(net: nn.Module, normalize: Callable, example: torch.Tensor, stride
         if not exported:
             wanted = [m for m in ("onnxruntime", "openvino") if m in candidates]
             try:
-                with export_network(net, strides, int(example.shape[1])) as path:
+                with export_network(net, strides, int(example.shape[1]), any_canvas) as path:
                     for m in wanted:
                         try:
                             exported[m] = build_onnx_runner(m, path, threads)
@@ -231,13 +231,15 @@ def forget_choices() -> None:
 def choose_runner(net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
                   examples: torch.Tensor | Sequence[torch.Tensor], strides: Sequence[int], threads: int | None = None,
                   candidates: Sequence[str] = CANDIDATES,
-                  choices_file: str | Path | ChoiceFile | None = None) -> tuple[Runner, AutoChoice]:
+                  choices_file: str | Path | ChoiceFile | None = None,
+                  any_canvas: bool = False) -> tuple[Runner, AutoChoice]:
     """Measure `candidates` on `examples` (uint8 batches of the serving shape, one per batch size to decide;
     normally the smallest and the largest the server runs) and return the fastest runner whose outputs are
     within PEAK_TOLERANCE of eager's, per batch size, with the measurements; or, when this process (or, with
     `choices_file`, an earlier process on this machine: model.inference.choice_store) already chose for a
     network of the same speed key, that choice's winners, checked against this network's eager. A new
-    measurement is saved to `choices_file`."""
+    measurement is saved to `choices_file`. `any_canvas`: the runtimes' export takes any height and width (the
+    `tight` canvas)."""
     examples = [examples] if isinstance(examples, torch.Tensor) else list(examples)
     threads = threads or torch.get_num_threads()
     key = speed_key(net, examples, threads, candidates)
@@ -247,12 +249,12 @@ def choose_runner(net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tens
     if earlier is None and store is not None:
         earlier, source = _saved_choice(store, key), str(store.path)
     if earlier is not None:
-        reused = reuse_choice(earlier, net, normalize, examples, strides, threads, source)
+        reused = reuse_choice(earlier, net, normalize, examples, strides, threads, source, any_canvas)
         if reused is not None:
             with _CHOICES_LOCK:
                 _CHOICES.setdefault(key, reused[1])
             return reused
-    builders = _builders(net, normalize, examples[0], strides, threads, candidates)
+    builders = _builders(net, normalize, examples[0], strides, threads, candidates, any_canvas)
     runner, choice = pick_fastest(EagerRunner(net, normalize), builders, examples, threads)
     with _CHOICES_LOCK:
         _CHOICES[key] = choice
@@ -275,7 +277,7 @@ def _saved_choice(store: ChoiceFile, key: tuple) -> AutoChoice | None:
 
 def reuse_choice(earlier: AutoChoice, net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
                  examples: Sequence[torch.Tensor], strides: Sequence[int], threads: int,
-                 source: str = PROCESS) -> tuple[Runner, AutoChoice] | None:
+                 source: str = PROCESS, any_canvas: bool = False) -> tuple[Runner, AutoChoice] | None:
     """`earlier`'s winners built for `net` and checked against its eager outputs at every example; None (and a
     warning) if one does not build or does not match, so that the caller measures afresh."""
     reference = EagerRunner(net, normalize)
@@ -285,7 +287,7 @@ def reuse_choice(earlier: AutoChoice, net: nn.Module, normalize: Callable[[torch
                                   else reference}
     errors: dict[str, float] = {"eager": 0.0}
     try:
-        for name, build in _builders(net, normalize, examples[0], strides, threads, winners).items():
+        for name, build in _builders(net, normalize, examples[0], strides, threads, winners, any_canvas).items():
             runners[name], errors[name] = _built_and_checked(build, examples, wants)
             if not errors[name] <= PEAK_TOLERANCE:
                 raise ValueError(f"outputs {errors[name]:.1e} of the peak off eager's")

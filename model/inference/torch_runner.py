@@ -29,7 +29,8 @@ class TorchRunner:
                  fuse: bool = True, channels_last: bool | None = None, accelerate: str | None = None,
                  weights_sha256: str | None = None, input_size: int | None = None,
                  auto_candidates: Sequence[str] = AUTO_CANDIDATES, calibration=None,
-                 auto_choices_file: str | Path | None = None, sparse_regression: bool = False) -> None:
+                 auto_choices_file: str | Path | None = None, sparse_regression: bool = False,
+                 any_canvas: bool = False) -> None:
         self.device = device
         self.fp16 = bool(fp16 and device.type == "cuda")
         self.dtype = torch.float16 if self.fp16 else torch.float32
@@ -58,11 +59,16 @@ class TorchRunner:
         self.auto_candidates = tuple(auto_candidates)
         self.auto_choices_file = auto_choices_file  # earlier processes' choices (model.inference.choice_store)
         self.auto_choice: AutoChoice | None = None
+        # The runtimes' export takes any height and width only when asked (the tight canvas): it costs the export
+        # ~2.5 s more. Without it, a runner that may be a runtime takes only the square.
+        self.any_canvas = bool(any_canvas)
+        square_only = not self.any_canvas and self.accelerate in ("auto", "onnxruntime", "openvino",
+                                                                  *LOW_PRECISION_MODES)
         self.info = NetworkInfo(size=model.size, class_names=tuple(class_names), backend="torch",
                                 device=str(device), dtype=str(self.dtype).replace("torch.", ""),
                                 strides=tuple(model.bbox_head.strides), input_size=input_size,
                                 weights_sha256=weights_sha256, accelerate=self.accelerate,
-                                sparse_regression=self.sparse_regression)
+                                sparse_regression=self.sparse_regression, square_only=square_only)
 
     def with_input_size(self, input_size: int) -> None:
         self.info = replace(self.info, input_size=input_size)
@@ -72,11 +78,11 @@ class TorchRunner:
             engine, self.auto_choice = choose_runner(self.engine_network, self.normalize, list(auto_examples) or
                                                      [example_uint8], self.info.strides,
                                                      candidates=self.auto_candidates,
-                                                     choices_file=self.auto_choices_file)
+                                                     choices_file=self.auto_choices_file, any_canvas=self.any_canvas)
             self._set_mode(self.auto_choice.chosen)
             return engine
         return build_runner(self.accelerate, self.engine_network, self.normalize, example_uint8, self.info.strides,
-                            calibration=self.calibration)
+                            calibration=self.calibration, any_canvas=self.any_canvas)
 
     def _set_mode(self, mode: str) -> None:
         self.accelerate = mode

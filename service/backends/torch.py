@@ -24,6 +24,7 @@ def build(spec: ModelSpec) -> TorchRunner:
                            accelerate=spec.accelerate, calibration=spec.calibration,
                            auto_candidates=spec.auto_candidates or AUTO_CANDIDATES,
                            auto_choices_file=spec.auto_choices_file, sparse_regression=spec.sparse_regression,
+                           any_canvas=spec.canvas == "tight",
                            weights_sha256=file_sha256(weights),
                            input_size=int(meta.get("img_size", 640)))
     except (CheckpointError, ValueError, OSError) as exc:

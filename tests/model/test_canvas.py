@@ -124,6 +124,25 @@ def test_the_shipped_model_on_tight_canvases_finds_what_it_finds_on_square_ones(
             np.testing.assert_array_equal(batch[i].labels, dets.labels)
 
 
+def test_a_runtime_runner_made_for_the_square_refuses_the_tight_canvas():
+    """The runtimes' export takes any canvas only when the Detector is made for the tight one (it costs the export
+    seconds); one made for the square says so in one line, before any export runs."""
+    from tests.model.test_detector import confident_model
+
+    for mode in ("onnxruntime", "openvino", "auto"):
+        det = Detector(confident_model(), ["a", "b", "c"], device="cpu", accelerate=mode,
+                       test_cfg=TestConfig(input_size=96))
+        assert det.info.square_only
+        with pytest.raises(ValueError, match=f"this {mode} runner was made for the square canvas"):
+            det.cfg = det.with_config(canvas="tight")
+        tight = Detector(confident_model(), ["a", "b", "c"], device="cpu", accelerate=mode,
+                         test_cfg=TestConfig(input_size=96, canvas="tight"))
+        assert not tight.info.square_only and tight.runner.any_canvas
+    eager = Detector(confident_model(), ["a", "b", "c"], device="cpu", test_cfg=TestConfig(input_size=96))
+    assert not eager.info.square_only
+    eager.cfg = eager.with_config(canvas="tight")  # eager takes any canvas
+
+
 def test_a_canvas_that_is_neither_is_refused():
     with pytest.raises(ValueError, match="canvas must be one of square, tight"):
         TestConfig(canvas="round")

@@ -45,8 +45,9 @@ def test_the_canvas_is_a_setting_per_service_and_per_model(checkpoint, monkeypat
 
 
 def test_a_tight_canvas_service_runs_each_orientation_on_its_own_canvas(checkpoint, photos):
+    """Through ONNX Runtime: the model spec's canvas reaches the runner, whose export then takes any canvas."""
     settings = ServiceSettings(weights=checkpoint, input_size=SIZE, canvas="tight", max_batch_size=4,
-                               max_queue_delay_ms=300, decode_threads=2, warmup=False)
+                               max_queue_delay_ms=300, decode_threads=2, warmup=False, accelerate="onnxruntime")
     metrics = ServiceMetrics()
     runners = []
 
@@ -57,7 +58,8 @@ def test_a_tight_canvas_service_runs_each_orientation_on_its_own_canvas(checkpoi
     svc = DetectionService(settings, metrics, ModelRegistry(settings, metrics, runner_factory=factory))
     svc.load()
     try:
-        assert svc.model_info(None).canvas == "tight"  # what GET /v1/models says
+        info = svc.model_info(None)
+        assert (info.canvas, info.runner) == ("tight", "onnxruntime")  # what GET /v1/models says
         landscape = photos["coffee"]  # 300 x 200: 160 x 107 at 160, a 128 x 160 canvas
         portrait = np.ascontiguousarray(landscape.transpose(1, 0, 2))
         images = [landscape, portrait, landscape, portrait]
