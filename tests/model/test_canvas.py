@@ -138,6 +138,9 @@ def test_a_runtime_runner_made_for_the_square_refuses_the_tight_canvas():
         tight = Detector(confident_model(), ["a", "b", "c"], device="cpu", accelerate=mode,
                          test_cfg=TestConfig(input_size=96, canvas="tight"))
         assert not tight.info.square_only and tight.runner.any_canvas
+    # `rtmdet detect --canvas tight`'s way: the checkpoint's serving config on the tight canvas, runner made for it.
+    shipped = Detector.from_checkpoint(WEIGHTS, device="cpu", accelerate="onnxruntime", canvas="tight")
+    assert (shipped.cfg.canvas, shipped.input_size, shipped.info.square_only) == ("tight", 320, False)
     eager = Detector(confident_model(), ["a", "b", "c"], device="cpu", test_cfg=TestConfig(input_size=96))
     assert not eager.info.square_only
     eager.cfg = eager.with_config(canvas="tight")  # eager takes any canvas
