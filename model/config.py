@@ -5,7 +5,7 @@ Numbers come from MMDetection 3.3.0's `configs/rtmdet/rtmdet_<size>_8xb32-300e_c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 SIZES = ("tiny", "s", "m", "l", "x")
 STRIDES = (8, 16, 32)
@@ -17,7 +17,8 @@ WEIGHTS_KEYS = ("ema", "raw")
 PIXEL_MEAN_BGR = (103.53, 116.28, 123.675)
 PIXEL_STD_BGR = (57.375, 57.12, 58.395)
 PAD_VALUE = 114
-CANVASES = ("square", "tight")  # TestConfig.canvas
+Canvas = Literal["square", "tight"]  # TestConfig.canvas (model.inference.preprocess)
+CANVASES = get_args(Canvas)
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1
 
@@ -73,7 +74,7 @@ class TestConfig:
     nms_pre: int = 30000
     iou_thr: float = 0.65
     max_per_img: int = 300
-    canvas: Literal["square", "tight"] = "square"
+    canvas: Canvas = "square"
 
     def __post_init__(self) -> None:
         if self.canvas not in CANVASES:

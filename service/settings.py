@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from model.config import SIZES
+from model.config import SIZES, Canvas
 from service.faults import FaultInjection
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "rtmdet_tiny_shapes.pth"
@@ -107,7 +107,7 @@ class ModelSpec(BaseModel):
     sparse_regression: bool = True
     # square: every image padded to input_size x input_size (the official pipeline); tight: only up to a multiple of
     # 32, so a 4:3 photo runs at 640 x 480 (model.inference.preprocess). Not for a static-shape export.
-    canvas: Literal["square", "tight"] = "square"
+    canvas: Canvas = "square"
     triton: TritonSettings = Field(default_factory=TritonSettings)
 
     _known_size = field_validator("size")(known_size)
@@ -135,7 +135,7 @@ class ServiceSettings(BaseSettings):
     # On the CPU, the head's box branch runs at the points that pass the score threshold only, after the rest of
     # the network (model.inference.sparse_regression): the same boxes for less work. false: the dense head.
     sparse_regression: bool = True
-    canvas: Literal["square", "tight"] = "square"  # see ModelSpec.canvas
+    canvas: Canvas = "square"  # see ModelSpec.canvas
     # None: the checkpoint's training size (meta `img_size`), else 640.
     input_size: int | None = Field(None, ge=32, le=4096)
     class_names: list[str] | None = None  # override the checkpoint's class names

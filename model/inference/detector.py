@@ -16,7 +16,7 @@ from model.classes import COCO_CLASSES
 from model.config import PAD_VALUE, TestConfig
 from model.errors import ImageError
 from model.inference.detections import Detections, DetectParams
-from model.inference.preprocess import LetterboxInfo, orientation_groups, resized_shape, round_up
+from model.inference.preprocess import LetterboxInfo, canvas_shape, orientation_groups, resized_shape
 from model.inference.runner import HeadOutputs, NetworkInfo, Runner, RunnerOutputs, SparseHeadOutputs, blank_batch
 from model.inference.runner_choice import CANDIDATES as AUTO_CANDIDATES
 from model.inference.runner_choice import AutoChoice
@@ -278,8 +278,8 @@ def check_canvas(info: NetworkInfo, cfg: TestConfig) -> None:
 
 def tight_warmup_canvases(size: int, multiple: int) -> list[tuple[int, int]]:
     """The 4:3 landscape and portrait canvases at `size` (640: 480 x 640 and 640 x 480)."""
-    short = round_up(resized_shape(3, 4, size)[0], multiple)
-    return [(short, size), (size, short)] if short != size else []
+    short, long = canvas_shape(*resized_shape(3, 4, size), size, multiple)
+    return [(short, long), (long, short)] if short != long else []
 
 
 def load_image(path: str | Path) -> np.ndarray:

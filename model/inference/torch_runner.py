@@ -13,7 +13,7 @@ import torch
 
 from model.inference.accelerate import build_runner, resolve_mode
 from model.inference.low_precision import Calibration, check_available
-from model.inference.modes import LOW_PRECISION_MODES
+from model.inference.modes import EXPORTED_MODES, LOW_PRECISION_MODES
 from model.inference.preprocess import Normalizer
 from model.inference.runner import HeadOutputs, NetworkInfo, SparseHeadOutputs, blank_batch
 from model.inference.runner_choice import CANDIDATES as AUTO_CANDIDATES
@@ -62,8 +62,7 @@ class TorchRunner:
         # The runtimes' export takes any height and width only when asked (the tight canvas): it costs the export
         # ~2.5 s more. Without it, a runner that may be a runtime takes only the square.
         self.any_canvas = bool(any_canvas)
-        square_only = not self.any_canvas and self.accelerate in ("auto", "onnxruntime", "openvino",
-                                                                  *LOW_PRECISION_MODES)
+        square_only = not self.any_canvas and self.accelerate in ("auto", *EXPORTED_MODES)
         self.info = NetworkInfo(size=model.size, class_names=tuple(class_names), backend="torch",
                                 device=str(device), dtype=str(self.dtype).replace("torch.", ""),
                                 strides=tuple(model.bbox_head.strides), input_size=input_size,
