@@ -49,9 +49,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.inference.accelerate import EagerRunner, InductorRunner, Outputs, Runner
+from model.inference.accelerate import EagerRunner, InductorRunner, Outputs, Runner, fast_eager
 from model.inference.choice_store import ChoiceFile
 from model.inference.streams import with_streams
+from model.inference.winograd import winograd_enabled
 
 log = logging.getLogger("rtmdet.runner")
 CANDIDATES = ("eager", "inductor", "onnxruntime", "openvino")
@@ -217,9 +218,11 @@ _CHOICES_LOCK = threading.Lock()
 def speed_key(net: nn.Module, examples: Sequence[torch.Tensor], threads: int, candidates: Sequence[str]) -> tuple:
     """What decides which runner is fastest, the weights' values left out."""
     shapes = repr([(k, tuple(v.shape), str(v.dtype), str(v.device)) for k, v in net.state_dict().items()])
-    # TORCH_STREAMS: choices measured before the torch engines ran over streams are measured again.
+    # TORCH_STREAMS, WINOGRAD: choices measured before the torch engines ran over streams, or before they ran
+    # the Winograd convolutions (or with them switched off), are measured again.
     return (hashlib.sha256(shapes.encode()).hexdigest(), tuple(sorted(tuple(x.shape) for x in examples)),
-            str(examples[0].dtype), threads, tuple(candidates), os.environ.get("OMP_WAIT_POLICY"), TORCH_STREAMS)
+            str(examples[0].dtype), threads, tuple(candidates), os.environ.get("OMP_WAIT_POLICY"), TORCH_STREAMS,
+            f"winograd={int(winograd_enabled())}")
 
 
 def forget_choices() -> None:
@@ -283,8 +286,8 @@ def reuse_choice(earlier: AutoChoice, net: nn.Module, normalize: Callable[[torch
     reference = EagerRunner(net, normalize)
     wants = [reference(x) for x in examples]
     winners = [n for n in dict.fromkeys(earlier.by_batch.values()) if n != "eager"]
-    runners: dict[str, Runner] = {"eager": with_streams(reference, threads) if "eager" in earlier.by_batch.values()
-                                  else reference}
+    runners: dict[str, Runner] = {"eager": with_streams(fast_eager(reference), threads)
+                                  if "eager" in earlier.by_batch.values() else reference}
     errors: dict[str, float] = {"eager": 0.0}
     try:
         for name, build in _builders(net, normalize, examples[0], strides, threads, winners, any_canvas).items():
@@ -312,8 +315,9 @@ def pick_fastest(reference: Runner, builders: dict[str, Callable[[], Runner]],
     examples = sorted([examples] if isinstance(examples, torch.Tensor) else list(examples),
                       key=lambda x: int(x.shape[0]))
     wants = [reference(x) for x in examples]
-    # Eager as it runs when it wins: over one-thread streams with 2+ threads (model.inference.streams).
-    eager = with_streams(reference, threads) if isinstance(reference, EagerRunner) else reference
+    # Eager as it runs when it wins: Winograd on the CPU, over one-thread streams with 2+ threads
+    # (model.inference.streams); checked against the reference like every other candidate.
+    eager = with_streams(fast_eager(reference), threads) if isinstance(reference, EagerRunner) else reference
     runners: dict[str, Runner] = {"eager": eager}
     measured = {"eager": Measurement("eager", peak_rel_error=max(peak_relative_error(eager(x), want)
                                                                  for x, want in zip(examples, wants)))}

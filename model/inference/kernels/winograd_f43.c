@@ -1,0 +1,134 @@
+/* Winograd F(4x4, 3x3) transforms (model/inference/winograd.py has the method and the matrices).
+ *
+ * Plain C with no dependency: built at first use with the system's C compiler (`cc -O3 -march=native`), called
+ * through ctypes (which releases the GIL, so the caller may run tile ranges on several threads). The batched
+ * GEMM between the two transforms stays torch's.
+ *
+ * Layouts, all float32, row-major, contiguous:
+ *   xp    (n, hp, wp, c)     the NHWC input, padded by 1 and up to whole tiles: hp = 4 * th + 2, wp = 4 * tw + 2
+ *   v     (36, tiles, c)     each tile's transformed 6x6 block, element-major; tiles = n * th * tw
+ *   prod  (36, tiles, k)     the products in the transform space
+ *   y     (n, h, w, k)       the NHWC output, cropped to h x w, bias added
+ * Each function does tiles [t0, t1). Channels go 16 at a time: the innermost loops are 16 lanes wide, which
+ * the compiler turns into one AVX-512 register (or two AVX2 ones).
+ */
+#define LANES 16
+
+static inline void tile_position(long t, long th, long tw, long *img, long *i, long *j) {
+    *img = t / (th * tw);
+    long rem = t % (th * tw);
+    *i = rem / tw;
+    *j = rem % tw;
+}
+
+/* One tile's 16 (or, at the end, cn) channels: load the 6x6 block, B^T d B, store element-major. Inlined with
+ * cn == LANES for whole blocks, so that every loop below is a fixed 16 lanes wide. */
+static inline __attribute__((always_inline)) void input_block(const float *base, long wp, long c, float *v,
+                                                              long stride36, long cn) {
+    float d[6][6][LANES], r[6][6][LANES];
+    for (int a = 0; a < 6; ++a)
+        for (int b = 0; b < 6; ++b) {
+            const float *src = base + (a * wp + b) * c;
+            for (long l = 0; l < LANES; ++l) d[a][b][l] = l < cn ? src[l] : 0.0f;
+        }
+    /* rows: r = B^T d */
+    for (int b = 0; b < 6; ++b)
+        for (long l = 0; l < LANES; ++l) {
+            const float d0 = d[0][b][l], d1 = d[1][b][l], d2 = d[2][b][l];
+            const float d3 = d[3][b][l], d4 = d[4][b][l], d5 = d[5][b][l];
+            r[0][b][l] = 4.0f * d0 - 5.0f * d2 + d4;
+            r[1][b][l] = -4.0f * d1 - 4.0f * d2 + d3 + d4;
+            r[2][b][l] = 4.0f * d1 - 4.0f * d2 - d3 + d4;
+            r[3][b][l] = -2.0f * d1 - d2 + 2.0f * d3 + d4;
+            r[4][b][l] = 2.0f * d1 - d2 - 2.0f * d3 + d4;
+            r[5][b][l] = 4.0f * d1 - 5.0f * d3 + d5;
+        }
+    /* columns: (B^T d) B, stored element-major (stride36 floats from one element's row to the next) */
+    for (int a = 0; a < 6; ++a) {
+        float out[6][LANES];
+        for (long l = 0; l < LANES; ++l) {
+            const float e0 = r[a][0][l], e1 = r[a][1][l], e2 = r[a][2][l];
+            const float e3 = r[a][3][l], e4 = r[a][4][l], e5 = r[a][5][l];
+            out[0][l] = 4.0f * e0 - 5.0f * e2 + e4;
+            out[1][l] = -4.0f * e1 - 4.0f * e2 + e3 + e4;
+            out[2][l] = 4.0f * e1 - 4.0f * e2 - e3 + e4;
+            out[3][l] = -2.0f * e1 - e2 + 2.0f * e3 + e4;
+            out[4][l] = 2.0f * e1 - e2 - 2.0f * e3 + e4;
+            out[5][l] = 4.0f * e1 - 5.0f * e3 + e5;
+        }
+        for (int b = 0; b < 6; ++b) {
+            float *dst = v + (long)(a * 6 + b) * stride36;
+            for (long l = 0; l < LANES; ++l)
+                if (l < cn) dst[l] = out[b][l];
+        }
+    }
+}
+
+void winograd_input(const float *xp, float *v, long n, long hp, long wp, long c, long th, long tw,
+                    long t0, long t1) {
+    const long tiles = n * th * tw;
+    for (long t = t0; t < t1; ++t) {
+        long img, i, j;
+        tile_position(t, th, tw, &img, &i, &j);
+        const float *base = xp + ((img * hp + i * 4) * wp + j * 4) * c;
+        long c0 = 0;
+        for (; c0 + LANES <= c; c0 += LANES) input_block(base + c0, wp, c, v + t * c + c0, tiles * c, LANES);
+        if (c0 < c) input_block(base + c0, wp, c, v + t * c + c0, tiles * c, c - c0);
+    }
+}
+
+/* One tile's 16 (or cn) output channels: load the 6x6 products, A^T m A plus the bias, store what falls
+ * inside h x w. */
+static inline __attribute__((always_inline)) void output_block(const float *prod, long stride36,
+                                                               const float *bias, float *y, long w, long k,
+                                                               long rows, long cols, long cn) {
+    float m[6][6][LANES], r[4][6][LANES], bk[LANES];
+    for (int a = 0; a < 6; ++a)
+        for (int b = 0; b < 6; ++b) {
+            const float *src = prod + (long)(a * 6 + b) * stride36;
+            for (long l = 0; l < LANES; ++l) m[a][b][l] = l < cn ? src[l] : 0.0f;
+        }
+    for (long l = 0; l < LANES; ++l) bk[l] = l < cn ? bias[l] : 0.0f;
+    /* rows: r = A^T m */
+    for (int b = 0; b < 6; ++b)
+        for (long l = 0; l < LANES; ++l) {
+            const float m0 = m[0][b][l], m1 = m[1][b][l], m2 = m[2][b][l];
+            const float m3 = m[3][b][l], m4 = m[4][b][l], m5 = m[5][b][l];
+            r[0][b][l] = m0 + m1 + m2 + m3 + m4;
+            r[1][b][l] = m1 - m2 + 2.0f * m3 - 2.0f * m4;
+            r[2][b][l] = m1 + m2 + 4.0f * m3 + 4.0f * m4;
+            r[3][b][l] = m1 - m2 + 8.0f * m3 - 8.0f * m4 + m5;
+        }
+    /* columns: (A^T m) A, plus the bias */
+    for (int p = 0; p < rows; ++p) {
+        float out[4][LANES];
+        for (long l = 0; l < LANES; ++l) {
+            const float e0 = r[p][0][l], e1 = r[p][1][l], e2 = r[p][2][l];
+            const float e3 = r[p][3][l], e4 = r[p][4][l], e5 = r[p][5][l];
+            out[0][l] = e0 + e1 + e2 + e3 + e4 + bk[l];
+            out[1][l] = e1 - e2 + 2.0f * e3 - 2.0f * e4 + bk[l];
+            out[2][l] = e1 + e2 + 4.0f * e3 + 4.0f * e4 + bk[l];
+            out[3][l] = e1 - e2 + 8.0f * e3 - 8.0f * e4 + e5 + bk[l];
+        }
+        for (int q = 0; q < cols; ++q) {
+            float *dst = y + (p * w + q) * k;
+            for (long l = 0; l < LANES; ++l)
+                if (l < cn) dst[l] = out[q][l];
+        }
+    }
+}
+
+void winograd_output(const float *prod, const float *bias, float *y, long n, long h, long w, long k, long th,
+                     long tw, long t0, long t1) {
+    const long tiles = n * th * tw;
+    for (long t = t0; t < t1; ++t) {
+        long img, i, j;
+        tile_position(t, th, tw, &img, &i, &j);
+        const long rows = h - i * 4 < 4 ? h - i * 4 : 4, cols = w - j * 4 < 4 ? w - j * 4 : 4;
+        float *dst = y + ((img * h + i * 4) * w + j * 4) * k;
+        long k0 = 0;
+        for (; k0 + LANES <= k; k0 += LANES)
+            output_block(prod + t * k + k0, tiles * k, bias + k0, dst + k0, w, k, rows, cols, LANES);
+        if (k0 < k) output_block(prod + t * k + k0, tiles * k, bias + k0, dst + k0, w, k, rows, cols, k - k0);
+    }
+}

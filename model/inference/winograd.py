@@ -1,0 +1,243 @@
+"""Winograd F(4x4, 3x3) for the network's wide 3x3 convolutions, for inductor on the CPU.
+
+A stride-1 3x3 convolution computes each 4x4 block of outputs from a 6x6 block of input. Winograd's minimal
+filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015) does that with 36
+multiplications per channel pair where the direct form needs 144: the input block and the kernel are each
+carried into a 6x6 "transform" space by fixed matrices (B, G), multiplied there element by element (which over
+the channels is 36 independent matrix products), and the product is carried back to a 4x4 block by a third (A).
+Four times fewer multiply-adds; the cost moves into the transforms, which read and write memory but only add
+and scale. oneDNN (which both torch and OpenVINO call here) and ONNX Runtime's MLAS run these convolutions
+directly on the CPU.
+
+Written in torch ops so that inductor compiles it: the input transform becomes one loop over the tiles (its
+36 outputs are sums of strided views of the padded input, zeros skipped), the 36 products one batched GEMM,
+and the output transform with the bias and the activation after it one more loop. Eager runs the same code
+correctly but slowly (every term is an op): only the inductor runner swaps these in.
+
+Where it pays (`/tmp` sweep, one thread, batch 1, the Zen 4 VM, inductor frozen against oneDNN's direct
+convolution with its fused SiLU): 96->96 channels 1.44x at 80x80, 1.75x at 40x40, 1.5x at 20x20; 192->192 at
+20x20 1.7x; 48->48 at 80x80 1.08x; the stem's 12->24 at 320x320 0.67x and 24->24 at 160x160 0.75x (too few
+channels: the transforms cost more than the products save). Hence `MIN_CHANNELS`.
+
+Accuracy: the transform matrices hold fractions (1/4, 1/6, 1/24); in float32 one 96->96 convolution's output
+differs from the direct one by ~6e-6 of its peak. The runners' choice (`model.inference.runner_choice`) and
+the tests hold the whole network to the same 1e-4 bound as every other runner.
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# F(4x4, 3x3) with the interpolation points 0, +-1, +-2 (Lavin & Gray, section 4.2): output tile M, input tile A.
+M = 4
+A = M + 2
+B_T = ((4, 0, -5, 0, 1, 0),
+       (0, -4, -4, 1, 1, 0),
+       (0, 4, -4, -1, 1, 0),
+       (0, -2, -1, 2, 1, 0),
+       (0, 2, -1, -2, 1, 0),
+       (0, 4, 0, -5, 0, 1))
+G = ((1 / 4, 0, 0),
+     (-1 / 6, -1 / 6, -1 / 6),
+     (-1 / 6, 1 / 6, -1 / 6),
+     (1 / 24, 1 / 12, 1 / 6),
+     (1 / 24, -1 / 12, 1 / 6),
+     (0, 0, 1))
+A_T = ((1, 1, 1, 1, 1, 0),
+       (0, 1, -1, 2, -2, 0),
+       (0, 1, 1, 4, 4, 0),
+       (0, 1, -1, 8, -8, 1))
+
+# Below this many input or output channels the transforms cost more than the 4x fewer products save (module
+# docstring: 48 channels was break-even, 96 a clear gain).
+MIN_CHANNELS = 64
+
+ENABLE_ENV = "RTMDET_WINOGRAD"
+KERNEL_SOURCE = Path(__file__).with_name("kernels") / "winograd_f43.c"
+COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99")
+# A call's tiles are cut over torch's threads when there are at least this many for each.
+TILES_PER_THREAD = 16
+
+
+def winograd_enabled() -> bool:
+    """Off with `RTMDET_WINOGRAD=0` (direct convolutions everywhere, e.g. to compare against them)."""
+    return os.environ.get(ENABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class KernelBuild:
+    """The transforms' shared library, built once per source, compiler flags and machine into the cache folder
+    (`$RTMDET_HOME/kernels`, model.zoo.cache_dir), by the system's C compiler (`$CC`, else `cc`)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.library: ctypes.CDLL | None = None
+        self.error: str | None = None
+
+    def load(self) -> ctypes.CDLL | None:
+        with self.lock:
+            if self.library is None and self.error is None:
+                try:
+                    self.library = self._build()
+                except (OSError, subprocess.SubprocessError) as e:
+                    self.error = f"{type(e).__name__}: {e}"
+            return self.library
+
+    def _build(self) -> ctypes.CDLL:
+        from model.zoo import cache_dir
+
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise OSError("no C compiler (cc, gcc or $CC) to build the Winograd transforms")
+        source = KERNEL_SOURCE.read_bytes()
+        # -march=native: a library built on one CPU may not run on another, so the CPU's flags are in the key.
+        key = hashlib.sha256(source + " ".join((compiler, *COMPILE_FLAGS, platform.machine(),
+                                                 cpu_flags())).encode()).hexdigest()[:16]
+        target = cache_dir() / "kernels" / f"winograd_f43-{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Built beside the target and renamed: a concurrent process never loads half a file.
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                built = Path(tmp) / target.name
+                subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(built), str(KERNEL_SOURCE)], check=True,
+                               capture_output=True, timeout=120)
+                os.replace(built, target)
+        library = ctypes.CDLL(str(target))
+        signature = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_long] * 8]
+        library.winograd_input.argtypes = signature
+        library.winograd_output.argtypes = [ctypes.c_void_p, *signature]
+        library.winograd_input.restype = library.winograd_output.restype = None
+        return library
+
+
+def cpu_flags() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    return next((ln for ln in lines if ln.startswith(("flags", "Features"))), platform.processor())
+
+
+KERNELS = KernelBuild()
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def over_tiles(call, tiles: int) -> None:
+    """`call(t0, t1)` over range(tiles), cut over torch's threads (ctypes lets go of the GIL in the call)."""
+    global _pool
+    threads = min(torch.get_num_threads(), tiles // TILES_PER_THREAD)
+    if threads <= 1:
+        call(0, tiles)
+        return
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                       thread_name_prefix="winograd")
+        pool = _pool
+    bounds = [tiles * i // threads for i in range(threads + 1)]
+    others = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    call(bounds[0], bounds[1])
+    for f in others:
+        f.result(timeout=60)  # a tile range is milliseconds; never wait for ever
+
+
+@torch.library.custom_op("rtmdet::winograd_input", mutates_args=())
+def winograd_input(xp: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
+    """(N, 4 th + 2, 4 tw + 2, C) padded NHWC float32 -> (36, N th tw, C): every tile's B^T d B."""
+    xp = xp.contiguous()
+    n, hp, wp, c = xp.shape
+    v = xp.new_empty((A * A, n * tiles_h * tiles_w, c))
+    library = KERNELS.load()
+    over_tiles(lambda t0, t1: library.winograd_input(xp.data_ptr(), v.data_ptr(), n, hp, wp, c, tiles_h,
+                                                     tiles_w, t0, t1), n * tiles_h * tiles_w)
+    return v
+
+
+@winograd_input.register_fake
+def _(xp, tiles_h, tiles_w):
+    return xp.new_empty((A * A, xp.shape[0] * tiles_h * tiles_w, xp.shape[3]))
+
+
+@torch.library.custom_op("rtmdet::winograd_output", mutates_args=())
+def winograd_output(prod: torch.Tensor, bias: torch.Tensor, n: int, h: int, w: int, tiles_h: int,
+                    tiles_w: int) -> torch.Tensor:
+    """(36, N th tw, K) products -> (N, h, w, K) NHWC float32: every tile's A^T m A plus the bias, cropped."""
+    prod, bias = prod.contiguous(), bias.contiguous()
+    k = prod.shape[2]
+    y = prod.new_empty((n, h, w, k))
+    library = KERNELS.load()
+    over_tiles(lambda t0, t1: library.winograd_output(prod.data_ptr(), bias.data_ptr(), y.data_ptr(), n, h, w, k,
+                                                      tiles_h, tiles_w, t0, t1), n * tiles_h * tiles_w)
+    return y
+
+
+@winograd_output.register_fake
+def _(prod, bias, n, h, w, tiles_h, tiles_w):
+    return prod.new_empty((n, h, w, prod.shape[2]))
+
+
+class WinogradConv2d(nn.Module):
+    """A stride-1, padding-1, 3x3 `nn.Conv2d` (groups 1, bias or not) as Winograd F(4x4, 3x3), float32.
+
+    Takes and returns NCHW tensors; the work is done in NHWC (a channels_last tensor's own memory order), so
+    that the channels, the GEMM's inner dimension, are contiguous."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not eligible(conv, min_channels=1):
+            raise ValueError(f"not a stride-1 padding-1 3x3 float32 convolution without groups: {conv}")
+        w = conv.weight.detach().double()  # (K, C, 3, 3); the kernel transform in float64, rounded once
+        g = torch.tensor(G, dtype=torch.float64)
+        u = torch.einsum("ar,kcrs,bs->abck", g, w, g).reshape(A * A, conv.in_channels, conv.out_channels)
+        self.register_buffer("u", u.float().contiguous())
+        bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(conv.out_channels)
+        self.register_buffer("bias", bias.float())
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        tiles_h, tiles_w = -(-h // M), -(-w // M)
+        # Pad by the convolution's 1 on each side, and at the far edges up to whole tiles.
+        xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tiles_w * M + 1 - w, 1, tiles_h * M + 1 - h))
+        v = torch.ops.rtmdet.winograd_input(xp, tiles_h, tiles_w)
+        prod = torch.bmm(v, self.u)  # the 36 products, each over the channels: (36, tiles, K)
+        return torch.ops.rtmdet.winograd_output(prod, self.bias, n, h, w, tiles_h, tiles_w).permute(0, 3, 1, 2)
+
+
+def eligible(conv: nn.Module, min_channels: int = MIN_CHANNELS) -> bool:
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and conv.weight.dtype == torch.float32
+            and conv.weight.device.type == "cpu"
+            and min(conv.in_channels, conv.out_channels) >= min_channels)
+
+
+def with_winograd(net: nn.Module, min_channels: int = MIN_CHANNELS) -> tuple[nn.Module, int]:
+    """A copy of `net` whose eligible 3x3 convolutions are `WinogradConv2d`s, and how many were swapped; `net`
+    itself (0) when the transforms cannot be built here (no C compiler). The original is untouched (the eager
+    runner and the exports keep reading it)."""
+    if not winograd_enabled():
+        return net, 0
+    if KERNELS.load() is None:
+        warnings.warn(f"Winograd convolutions off: {KERNELS.error}", stacklevel=2)
+        return net, 0
+    net = copy.deepcopy(net)
+    swapped = 0
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if eligible(child, min_channels):
+                setattr(parent, name, WinogradConv2d(child))
+                swapped += 1
+    return net, swapped
