@@ -97,8 +97,6 @@ class KernelBuild:
             return self.library
 
     def _build(self) -> ctypes.CDLL:
-        from model.zoo import cache_dir
-
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if compiler is None:
             raise OSError("no C compiler (cc, gcc or $CC) to build the Winograd transforms")
@@ -106,9 +104,8 @@ class KernelBuild:
         # -march=native: a library built on one CPU may not run on another, so the CPU's flags are in the key.
         key = hashlib.sha256(source + " ".join((compiler, *COMPILE_FLAGS, platform.machine(),
                                                  cpu_flags())).encode()).hexdigest()[:16]
-        target = cache_dir() / "kernels" / f"winograd_f43-{key}.so"
+        target = kernel_dir() / f"winograd_f43-{key}.so"
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
             # Built beside the target and renamed: a concurrent process never loads half a file.
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
@@ -121,6 +118,27 @@ class KernelBuild:
         library.winograd_output.argtypes = [ctypes.c_void_p, *signature]
         library.winograd_input.restype = library.winograd_output.restype = None
         return library
+
+
+def kernel_dir() -> Path:
+    """Where built libraries live: `$RTMDET_HOME/kernels` (model.zoo.cache_dir), else, on a read-only home (a
+    Kubernetes pod's root filesystem), a folder of this user's own under the temp dir. A library is code this
+    process will load, so that folder must be this user's and writable by no one else."""
+    from model.zoo import cache_dir
+
+    home = cache_dir() / "kernels"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    private = Path(tempfile.gettempdir()) / f"rtmdet-kernels-{os.getuid()}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    st = private.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise PermissionError(f"{private} is not this user's alone; not loading code from it")
+    return private
 
 
 def cpu_flags() -> str:

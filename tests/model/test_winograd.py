@@ -62,3 +62,76 @@ def test_with_winograd_swaps_a_copy_and_keeps_the_network_s_outputs():
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0)) * 50
     with torch.no_grad():
         assert peak_relative_error(swapped_net(x), net(x)) <= PEAK_TOLERANCE
+
+
+def test_tiles_cut_over_threads_give_the_one_thread_result():
+    conv, x = conv_and_input(64, 64, 40, 44, batch=2)
+    module = WinogradConv2d(conv)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            one = module(x)
+        torch.set_num_threads(2)  # 2 x 10 x 11 = 220 tiles: cut in two, the second half on the pool
+        with torch.no_grad():
+            two = module(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_the_eager_runner_build_runner_makes_runs_winograd_and_the_reference_does_not(monkeypatch):
+    from model.inference.accelerate import EagerRunner, build_runner
+    from model.inference.preprocess import Normalizer
+
+    net = fused_for_inference(fill_deterministic(build_rtmdet("tiny", num_classes=3), 1))
+    normalize = Normalizer(torch.device("cpu"), channels_last=False)
+    x = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    served = build_runner("eager", net, normalize, x, (8, 16, 32), threads=1)
+    reference = EagerRunner(net, normalize)
+    assert served.winograd_convs == 20 and reference.winograd_convs == 0 and reference.net is net
+    assert 0 < peak_relative_error(served(x), reference(x)) <= PEAK_TOLERANCE  # not the same code path
+    monkeypatch.setenv("RTMDET_WINOGRAD", "0")
+    assert build_runner("eager", net, normalize, x, (8, 16, 32), threads=1).winograd_convs == 0
+
+
+def test_without_a_c_compiler_the_convolutions_stay_direct_with_a_warning(monkeypatch, tmp_path):
+    from model.inference import winograd
+
+    monkeypatch.setenv("RTMDET_HOME", str(tmp_path))  # no library built earlier to fall back on
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(winograd, "KERNELS", winograd.KernelBuild())
+    net = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1))
+    with pytest.warns(UserWarning, match="Winograd convolutions off: FileNotFoundError"):
+        same, swapped = with_winograd(net)
+    assert same is net and swapped == 0
+
+
+def test_the_library_is_built_once_per_cache_folder(monkeypatch, tmp_path):
+    from model.inference import winograd
+
+    monkeypatch.setenv("RTMDET_HOME", str(tmp_path))
+    monkeypatch.setattr(winograd, "KERNELS", winograd.KernelBuild())
+    assert winograd.KERNELS.load() is not None
+    (built,) = (tmp_path / "kernels").glob("winograd_f43-*.so")
+    stamp = built.stat().st_mtime_ns
+    monkeypatch.setattr(winograd, "KERNELS", winograd.KernelBuild())  # a new process, as it were
+    assert winograd.KERNELS.load() is not None
+    assert built.stat().st_mtime_ns == stamp and list((tmp_path / "kernels").iterdir()) == [built]
+
+
+def test_an_unwritable_home_builds_in_a_private_temp_folder(monkeypatch, tmp_path):
+    from model.inference import winograd
+
+    blocker = tmp_path / "home"
+    blocker.write_text("a file where the cache folder would be: no folder can be made under it")
+    monkeypatch.setenv("RTMDET_HOME", str(blocker / "rtmdet"))
+    monkeypatch.setattr(winograd.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    folder = winograd.kernel_dir()
+    assert folder.parent == tmp_path / "tmp" and folder.stat().st_mode & 0o777 == 0o700
+    monkeypatch.setattr(winograd, "KERNELS", winograd.KernelBuild())
+    assert winograd.KERNELS.load() is not None and list(folder.glob("winograd_f43-*.so"))
+    folder.chmod(0o777)  # anyone could plant a library there: refused
+    with pytest.raises(PermissionError, match="not this user's alone"):
+        winograd.kernel_dir()
