@@ -51,6 +51,7 @@ bench: install
 	$(PY) bench/bench_runners.py
 	$(PY) bench/bench_low_precision.py --size tiny --img-size 640 --batches 1 8 --threads 1
 	$(PY) bench/bench_canvas.py --sizes tiny --threads 2 --shapes 4:3 16:9
+	$(PY) bench/bench_winograd.py --sizes tiny
 	$(PY) bench/bench_allocator.py
 	$(PY) bench/bench_vs_mmdet.py --no-infer
 

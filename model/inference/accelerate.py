@@ -12,6 +12,8 @@ their peak.
 
 - `eager`: the module itself (channels_last, BatchNorm folded). No start-up cost: the default on the CPU.
   With 2+ threads, eager and inductor cut a batch of 2+ over one-thread streams (model.inference.streams).
+  On the CPU both run the wide stride-1 3x3 convolutions as Winograd F(4x4, 3x3) (model.inference.winograd;
+  `RTMDET_WINOGRAD=0` turns it off); the eager reference that `auto` checks candidates against does not.
 - `inductor`: `torch.compile` with freezing (weights folded into the graph as constants, convolutions packed
   for oneDNN with their activations fused).
   Compiles on the first call of a shape (~5-20 s for tiny here; a second batch size compiles once more,
@@ -66,12 +68,13 @@ def on_cpu(net: nn.Module) -> bool:
     return next(net.parameters()).device.type == "cpu"
 
 
-def swap_winograd(net: nn.Module) -> tuple[nn.Module, int]:
-    """`net` with its wide 3x3 convolutions as Winograd F(4x4, 3x3) (a copy) and how many; `net` and 0 where
-    `RTMDET_WINOGRAD=0` or the transforms cannot be built here (model.inference.winograd)."""
+def swap_winograd(net: nn.Module, compiled: bool = False) -> tuple[nn.Module, int]:
+    """`net` with its wide 3x3 convolutions as Winograd F(4x4, 3x3) (a copy; `compiled`: for torch.compile) and
+    how many; `net` and 0 where `RTMDET_WINOGRAD=0` or the transforms cannot be built here
+    (model.inference.winograd)."""
     from model.inference.winograd import with_winograd
 
-    return with_winograd(net)
+    return with_winograd(net, compiled=compiled)
 
 
 def fast_eager(reference: EagerRunner) -> EagerRunner:
@@ -137,7 +140,7 @@ class InductorRunner:
                  options: dict | None = None, winograd: bool | None = None) -> None:
         # cuDNN picks its own convolution algorithms on CUDA.
         use = winograd if winograd is not None else on_cpu(net)
-        self.net, self.winograd_convs = swap_winograd(net) if use else (net, 0)
+        self.net, self.winograd_convs = swap_winograd(net, compiled=True) if use else (net, 0)
         self.normalize = normalize
         self.compiled = torch.compile(self._forward, options=options)
 

@@ -37,6 +37,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -171,8 +172,7 @@ def over_tiles(call, tiles: int) -> None:
         f.result(timeout=60)  # a tile range is milliseconds; never wait for ever
 
 
-@torch.library.custom_op("rtmdet::winograd_input", mutates_args=())
-def winograd_input(xp: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
+def input_transform(xp: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
     """(N, 4 th + 2, 4 tw + 2, C) padded NHWC float32 -> (36, N th tw, C): every tile's B^T d B."""
     xp = xp.contiguous()
     n, hp, wp, c = xp.shape
@@ -183,14 +183,8 @@ def winograd_input(xp: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor
     return v
 
 
-@winograd_input.register_fake
-def _(xp, tiles_h, tiles_w):
-    return xp.new_empty((A * A, xp.shape[0] * tiles_h * tiles_w, xp.shape[3]))
-
-
-@torch.library.custom_op("rtmdet::winograd_output", mutates_args=())
-def winograd_output(prod: torch.Tensor, bias: torch.Tensor, n: int, h: int, w: int, tiles_h: int,
-                    tiles_w: int) -> torch.Tensor:
+def output_transform(prod: torch.Tensor, bias: torch.Tensor, n: int, h: int, w: int, tiles_h: int,
+                     tiles_w: int) -> torch.Tensor:
     """(36, N th tw, K) products -> (N, h, w, K) NHWC float32: every tile's A^T m A plus the bias, cropped."""
     prod, bias = prod.contiguous(), bias.contiguous()
     k = prod.shape[2]
@@ -201,9 +195,27 @@ def winograd_output(prod: torch.Tensor, bias: torch.Tensor, n: int, h: int, w: i
     return y
 
 
-@winograd_output.register_fake
-def _(prod, bias, n, h, w, tiles_h, tiles_w):
-    return prod.new_empty((n, h, w, prod.shape[2]))
+_registered = threading.Lock()
+
+
+def register_compiled_ops() -> None:
+    """The transforms as torch custom ops (`torch.ops.rtmdet.winograd_input/output`), which `torch.compile`
+    keeps as opaque calls, with the shapes they give. Only for compiled graphs: a custom op's eager call
+    imports torch._dynamo (seconds), which the serving path never needs."""
+    with _registered:
+        if hasattr(torch.ops.rtmdet, "winograd_input"):
+            return
+        ops = {
+            "winograd_input": (input_transform, lambda xp, th, tw: xp.new_empty(
+                (A * A, xp.shape[0] * th * tw, xp.shape[3]))),
+            "winograd_output": (output_transform, lambda prod, bias, n, h, w, th, tw: prod.new_empty(
+                (n, h, w, prod.shape[2]))),
+        }
+        for name, (impl, fake) in ops.items():
+            torch.library.custom_op(f"rtmdet::{name}", impl, mutates_args=()).register_fake(fake)
+
+
+_EAGER_OPS = SimpleNamespace(winograd_input=input_transform, winograd_output=output_transform)
 
 
 class WinogradConv2d(nn.Module):
@@ -212,8 +224,12 @@ class WinogradConv2d(nn.Module):
     Takes and returns NCHW tensors; the work is done in NHWC (a channels_last tensor's own memory order), so
     that the channels, the GEMM's inner dimension, are contiguous."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, compiled: bool = False) -> None:
         super().__init__()
+        # `compiled`: for a network torch.compile traces (the transforms as custom ops); else plain calls.
+        self.compiled = compiled
+        if compiled:
+            register_compiled_ops()
         if not eligible(conv, min_channels=1):
             raise ValueError(f"not a stride-1 padding-1 3x3 float32 convolution without groups: {conv}")
         w = conv.weight.detach().double()  # (K, C, 3, 3); the kernel transform in float64, rounded once
@@ -229,9 +245,10 @@ class WinogradConv2d(nn.Module):
         tiles_h, tiles_w = -(-h // M), -(-w // M)
         # Pad by the convolution's 1 on each side, and at the far edges up to whole tiles.
         xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tiles_w * M + 1 - w, 1, tiles_h * M + 1 - h))
-        v = torch.ops.rtmdet.winograd_input(xp, tiles_h, tiles_w)
+        ops = torch.ops.rtmdet if self.compiled else _EAGER_OPS
+        v = ops.winograd_input(xp, tiles_h, tiles_w)
         prod = torch.bmm(v, self.u)  # the 36 products, each over the channels: (36, tiles, K)
-        return torch.ops.rtmdet.winograd_output(prod, self.bias, n, h, w, tiles_h, tiles_w).permute(0, 3, 1, 2)
+        return ops.winograd_output(prod, self.bias, n, h, w, tiles_h, tiles_w).permute(0, 3, 1, 2)
 
 
 def eligible(conv: nn.Module, min_channels: int = MIN_CHANNELS) -> bool:
@@ -242,10 +259,11 @@ def eligible(conv: nn.Module, min_channels: int = MIN_CHANNELS) -> bool:
             and min(conv.in_channels, conv.out_channels) >= min_channels)
 
 
-def with_winograd(net: nn.Module, min_channels: int = MIN_CHANNELS) -> tuple[nn.Module, int]:
-    """A copy of `net` whose eligible 3x3 convolutions are `WinogradConv2d`s, and how many were swapped; `net`
-    itself (0) when the transforms cannot be built here (no C compiler). The original is untouched (the eager
-    runner and the exports keep reading it)."""
+def with_winograd(net: nn.Module, min_channels: int = MIN_CHANNELS,
+                  compiled: bool = False) -> tuple[nn.Module, int]:
+    """A copy of `net` whose eligible 3x3 convolutions are `WinogradConv2d`s (`compiled`: for torch.compile),
+    and how many were swapped; `net` itself (0) when switched off or the transforms cannot be built here (no C
+    compiler). The original is untouched (the reference eager runner and the exports keep reading it)."""
     if not winograd_enabled():
         return net, 0
     if KERNELS.load() is None:
@@ -256,6 +274,6 @@ def with_winograd(net: nn.Module, min_channels: int = MIN_CHANNELS) -> tuple[nn.
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
             if eligible(child, min_channels):
-                setattr(parent, name, WinogradConv2d(child))
+                setattr(parent, name, WinogradConv2d(child, compiled))
                 swapped += 1
     return net, swapped

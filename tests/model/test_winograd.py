@@ -135,3 +135,20 @@ def test_an_unwritable_home_builds_in_a_private_temp_folder(monkeypatch, tmp_pat
     folder.chmod(0o777)  # anyone could plant a library there: refused
     with pytest.raises(PermissionError, match="not this user's alone"):
         winograd.kernel_dir()
+
+
+def test_the_compiled_graph_s_custom_ops_are_the_eager_transforms():
+    from model.inference import winograd
+
+    winograd.register_compiled_ops()
+    conv, x = conv_and_input(64, 96, 9, 14, batch=2)
+    xp = torch.nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 3, 1, 4))  # 3 x 4 tiles of 4, plus 2
+    v = winograd.input_transform(xp, 3, 4)
+    assert torch.equal(torch.ops.rtmdet.winograd_input(xp, 3, 4), v)
+    prod = torch.bmm(v, WinogradConv2d(conv).u)
+    bias = conv.bias.detach()
+    assert torch.equal(torch.ops.rtmdet.winograd_output(prod, bias, 2, 9, 14, 3, 4),
+                       winograd.output_transform(prod, bias, 2, 9, 14, 3, 4))
+    # Their registered shapes, schemas and fake (tracing) versions agree with what they compute.
+    torch.library.opcheck(torch.ops.rtmdet.winograd_input.default, (xp, 3, 4))
+    torch.library.opcheck(torch.ops.rtmdet.winograd_output.default, (prod, bias, 2, 9, 14, 3, 4))
