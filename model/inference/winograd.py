@@ -1,4 +1,4 @@
-"""Winograd F(4x4, 3x3) for the network's wide 3x3 convolutions, for inductor on the CPU.
+"""Winograd F(4x4, 3x3) for the network's wide 3x3 convolutions, for the eager and inductor runners on the CPU.
 
 A stride-1 3x3 convolution computes each 4x4 block of outputs from a 6x6 block of input. Winograd's minimal
 filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015) does that with 36
@@ -9,15 +9,18 @@ Four times fewer multiply-adds; the cost moves into the transforms, which read a
 and scale. oneDNN (which both torch and OpenVINO call here) and ONNX Runtime's MLAS run these convolutions
 directly on the CPU.
 
-Written in torch ops so that inductor compiles it: the input transform becomes one loop over the tiles (its
-36 outputs are sums of strided views of the padded input, zeros skipped), the 36 products one batched GEMM,
-and the output transform with the bias and the activation after it one more loop. Eager runs the same code
-correctly but slowly (every term is an op): only the inductor runner swaps these in.
+Three steps: the input transform and the output transform (plus the bias) are a small C file
+(kernels/winograd_f43.c), built once per CPU by the system's C compiler and called through ctypes; the 36
+products are one `torch.bmm`. In a graph for `torch.compile` the two transforms are custom ops (opaque to
+inductor, which compiles the rest as before); in eager they are plain calls. A first version wrote the
+transforms in torch ops for inductor to fuse: as fast, but inductor took 498.6 s to compile RTMDet-tiny with it
+(24.9 s without), generating code for the 36-term sums.
 
-Where it pays (`/tmp` sweep, one thread, batch 1, the Zen 4 VM, inductor frozen against oneDNN's direct
-convolution with its fused SiLU): 96->96 channels 1.44x at 80x80, 1.75x at 40x40, 1.5x at 20x20; 192->192 at
-20x20 1.7x; 48->48 at 80x80 1.08x; the stem's 12->24 at 320x320 0.67x and 24->24 at 160x160 0.75x (too few
-channels: the transforms cost more than the products save). Hence `MIN_CHANNELS`.
+Where it pays: one thread, batch 1, the Zen 4 VM, 96->96 channels at 80x80 (the head's widest): 10.51 ms
+direct (oneDNN, SiLU fused, inductor) against 5.88 ms. The first version's sweep of the network's shapes set
+`MIN_CHANNELS`: 96->96 1.44-1.75x, 192->192 1.7x, 48->48 at 80x80 1.08x, the stem's 12->24 at 320x320 0.67x
+and 24->24 at 160x160 0.75x (too few channels: the transforms cost more than the products save).
+`bench/bench_winograd.py --convs` measures each shape again.
 
 Accuracy: the transform matrices hold fractions (1/4, 1/6, 1/24); in float32 one 96->96 convolution's output
 differs from the direct one by ~6e-6 of its peak. The runners' choice (`model.inference.runner_choice`) and
