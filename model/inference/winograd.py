@@ -38,12 +38,10 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # F(4x4, 3x3) with the interpolation points 0, +-1, +-2 (Lavin & Gray, section 4.2): output tile M, input tile A.
@@ -73,8 +71,6 @@ MIN_CHANNELS = 64
 ENABLE_ENV = "RTMDET_WINOGRAD"
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "winograd_f43.c"
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99")
-# A call's tiles are cut over torch's threads when there are at least this many for each.
-TILES_PER_THREAD = 16
 
 
 def winograd_enabled() -> bool:
@@ -152,37 +148,14 @@ def cpu_flags() -> str:
 
 
 KERNELS = KernelBuild()
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def over_tiles(call, tiles: int) -> None:
-    """`call(t0, t1)` over range(tiles), cut over torch's threads (ctypes lets go of the GIL in the call)."""
-    global _pool
-    threads = min(torch.get_num_threads(), tiles // TILES_PER_THREAD)
-    if threads <= 1:
-        call(0, tiles)
-        return
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
-                                       thread_name_prefix="winograd")
-        pool = _pool
-    bounds = [tiles * i // threads for i in range(threads + 1)]
-    others = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    call(bounds[0], bounds[1])
-    for f in others:
-        f.result(timeout=60)  # a tile range is milliseconds; never wait for ever
-
-
-def input_transform(xp: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
-    """(N, 4 th + 2, 4 tw + 2, C) padded NHWC float32 -> (36, N th tw, C): every tile's B^T d B."""
-    xp = xp.contiguous()
-    n, hp, wp, c = xp.shape
-    v = xp.new_empty((A * A, n * tiles_h * tiles_w, c))
-    library = KERNELS.load()
-    over_tiles(lambda t0, t1: library.winograd_input(xp.data_ptr(), v.data_ptr(), n, hp, wp, c, tiles_h,
-                                                     tiles_w, t0, t1), n * tiles_h * tiles_w)
+def input_transform(x: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
+    """(N, H, W, C) NHWC float32 -> (36, N th tw, C): every 6x6 input tile's B^T d B, the convolution's zero
+    padding (and the far edges' up to whole tiles) read as zeros."""
+    x = x.contiguous()
+    n, h, w, c = x.shape
+    v = x.new_empty((A * A, n * tiles_h * tiles_w, c))
+    KERNELS.load().winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, tiles_h, tiles_w, 0,
+                                  n * tiles_h * tiles_w)
     return v
 
 
@@ -192,9 +165,8 @@ def output_transform(prod: torch.Tensor, bias: torch.Tensor, n: int, h: int, w: 
     prod, bias = prod.contiguous(), bias.contiguous()
     k = prod.shape[2]
     y = prod.new_empty((n, h, w, k))
-    library = KERNELS.load()
-    over_tiles(lambda t0, t1: library.winograd_output(prod.data_ptr(), bias.data_ptr(), y.data_ptr(), n, h, w, k,
-                                                      tiles_h, tiles_w, t0, t1), n * tiles_h * tiles_w)
+    KERNELS.load().winograd_output(prod.data_ptr(), bias.data_ptr(), y.data_ptr(), n, h, w, k, tiles_h, tiles_w,
+                                   0, n * tiles_h * tiles_w)
     return y
 
 
@@ -209,8 +181,8 @@ def register_compiled_ops() -> None:
         if hasattr(torch.ops.rtmdet, "winograd_input"):
             return
         ops = {
-            "winograd_input": (input_transform, lambda xp, th, tw: xp.new_empty(
-                (A * A, xp.shape[0] * th * tw, xp.shape[3]))),
+            "winograd_input": (input_transform, lambda x, th, tw: x.new_empty(
+                (A * A, x.shape[0] * th * tw, x.shape[3]))),
             "winograd_output": (output_transform, lambda prod, bias, n, h, w, th, tw: prod.new_empty(
                 (n, h, w, prod.shape[2]))),
         }
@@ -246,10 +218,8 @@ class WinogradConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         tiles_h, tiles_w = -(-h // M), -(-w // M)
-        # Pad by the convolution's 1 on each side, and at the far edges up to whole tiles.
-        xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, tiles_w * M + 1 - w, 1, tiles_h * M + 1 - h))
         ops = torch.ops.rtmdet if self.compiled else _EAGER_OPS
-        v = ops.winograd_input(xp, tiles_h, tiles_w)
+        v = ops.winograd_input(x.permute(0, 2, 3, 1), tiles_h, tiles_w)  # NHWC: a channels_last tensor's memory
         prod = torch.bmm(v, self.u)  # the 36 products, each over the channels: (36, tiles, K)
         return ops.winograd_output(prod, self.bias, n, h, w, tiles_h, tiles_w).permute(0, 3, 1, 2)
 

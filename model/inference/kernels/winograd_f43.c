@@ -1,15 +1,17 @@
 /* Winograd F(4x4, 3x3) transforms (model/inference/winograd.py has the method and the matrices).
  *
  * Plain C with no dependency: built at first use with the system's C compiler (`cc -O3 -march=native`), called
- * through ctypes (which releases the GIL, so the caller may run tile ranges on several threads). The batched
- * GEMM between the two transforms stays torch's.
+ * through ctypes. The batched GEMM between the two transforms stays torch's. Each function does tiles
+ * [t0, t1), so a caller could cut the work; on this 2-core VM two threads gained nothing measurable (the
+ * transforms are bound by memory), so the Python side calls each once.
  *
  * Layouts, all float32, row-major, contiguous:
- *   xp    (n, hp, wp, c)     the NHWC input, padded by 1 and up to whole tiles: hp = 4 * th + 2, wp = 4 * tw + 2
+ *   x     (n, h, w, c)       the NHWC input; the convolution's zero padding (1, and at the far edges up to whole
+ *                            tiles: th = ceil(h / 4), tw = ceil(w / 4)) is read as zeros, never stored
  *   v     (36, tiles, c)     each tile's transformed 6x6 block, element-major; tiles = n * th * tw
  *   prod  (36, tiles, k)     the products in the transform space
  *   y     (n, h, w, k)       the NHWC output, cropped to h x w, bias added
- * Each function does tiles [t0, t1). Channels go 16 at a time: the innermost loops are 16 lanes wide, which
+ * Channels go 16 at a time: the innermost loops are 16 lanes wide, which
  * the compiler turns into one AVX-512 register (or two AVX2 ones).
  */
 #define LANES 16
@@ -23,12 +25,17 @@ static inline void tile_position(long t, long th, long tw, long *img, long *i, l
 
 /* One tile's 16 (or, at the end, cn) channels: load the 6x6 block, B^T d B, store element-major. Inlined with
  * cn == LANES for whole blocks, so that every loop below is a fixed 16 lanes wide. */
-static inline __attribute__((always_inline)) void input_block(const float *base, long wp, long c, float *v,
-                                                              long stride36, long cn) {
+static inline __attribute__((always_inline)) void input_block(const float *img, long h, long w, long c, long top,
+                                                              long left, float *v, long stride36, long cn) {
     float d[6][6][LANES], r[6][6][LANES];
     for (int a = 0; a < 6; ++a)
         for (int b = 0; b < 6; ++b) {
-            const float *src = base + (a * wp + b) * c;
+            const long row = top + a, col = left + b;
+            if (row < 0 || row >= h || col < 0 || col >= w) { /* the convolution's zero padding */
+                for (long l = 0; l < LANES; ++l) d[a][b][l] = 0.0f;
+                continue;
+            }
+            const float *src = img + (row * w + col) * c;
             for (long l = 0; l < LANES; ++l) d[a][b][l] = l < cn ? src[l] : 0.0f;
         }
     /* rows: r = B^T d */
@@ -64,16 +71,18 @@ static inline __attribute__((always_inline)) void input_block(const float *base,
     }
 }
 
-void winograd_input(const float *xp, float *v, long n, long hp, long wp, long c, long th, long tw,
+void winograd_input(const float *x, float *v, long n, long h, long w, long c, long th, long tw,
                     long t0, long t1) {
     const long tiles = n * th * tw;
     for (long t = t0; t < t1; ++t) {
         long img, i, j;
         tile_position(t, th, tw, &img, &i, &j);
-        const float *base = xp + ((img * hp + i * 4) * wp + j * 4) * c;
+        const float *base = x + img * h * w * c;
+        /* tile (i, j) reads input rows 4i-1 .. 4i+4 and columns 4j-1 .. 4j+4 (padding 1) */
         long c0 = 0;
-        for (; c0 + LANES <= c; c0 += LANES) input_block(base + c0, wp, c, v + t * c + c0, tiles * c, LANES);
-        if (c0 < c) input_block(base + c0, wp, c, v + t * c + c0, tiles * c, c - c0);
+        for (; c0 + LANES <= c; c0 += LANES)
+            input_block(base + c0, h, w, c, i * 4 - 1, j * 4 - 1, v + t * c + c0, tiles * c, LANES);
+        if (c0 < c) input_block(base + c0, h, w, c, i * 4 - 1, j * 4 - 1, v + t * c + c0, tiles * c, c - c0);
     }
 }
 
