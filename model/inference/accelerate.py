@@ -42,6 +42,7 @@ from torch import nn
 
 from model.inference.modes import ALIASES, CPU_MODES, LOW_PRECISION_MODES, MODES
 from model.inference.streams import with_streams
+from model.inference.winograd import with_winograd
 
 Outputs = tuple[list[torch.Tensor], list[torch.Tensor]]
 Runner = Callable[[torch.Tensor], Outputs]  # uint8 (B, S, S, 3) -> raw head outputs
@@ -68,18 +69,9 @@ def on_cpu(net: nn.Module) -> bool:
     return next(net.parameters()).device.type == "cpu"
 
 
-def swap_winograd(net: nn.Module, compiled: bool = False) -> tuple[nn.Module, int]:
-    """`net` with its wide 3x3 convolutions as Winograd F(4x4, 3x3) (a copy; `compiled`: for torch.compile) and
-    how many; `net` and 0 where `RTMDET_WINOGRAD=0` or the transforms cannot be built here
-    (model.inference.winograd)."""
-    from model.inference.winograd import with_winograd
-
-    return with_winograd(net, compiled=compiled)
-
-
 def fast_eager(reference: EagerRunner) -> EagerRunner:
     """The eager runner as `build_runner` makes it (Winograd on the CPU), from the reference eager runner."""
-    return EagerRunner(reference.reference_net, reference.normalize, winograd=True)
+    return EagerRunner(reference.net, reference.normalize, winograd=True)
 
 
 def bucket_for(batch: int, buckets: Sequence[int]) -> int:
@@ -109,8 +101,7 @@ class EagerRunner:
 
     def __init__(self, net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
                  winograd: bool = False) -> None:
-        self.reference_net = net  # the network as given: `fast_eager` starts from it
-        self.net, self.winograd_convs = swap_winograd(net) if winograd and on_cpu(net) else (net, 0)
+        self.net, self.winograd_convs = with_winograd(net) if winograd and on_cpu(net) else (net, 0)
         self.normalize = normalize
 
     def __call__(self, batch_uint8: torch.Tensor) -> Outputs:
@@ -124,7 +115,7 @@ class InductorRunner:
 
     On the CPU (`winograd`, default: when the network is on the CPU) the wide stride-1 3x3 convolutions are
     swapped for Winograd F(4x4, 3x3) in a copy of the network (model.inference.winograd): 4x fewer
-    multiply-adds, the transforms compiled by inductor, the products one batched GEMM.
+    multiply-adds; its two transforms are custom ops (C) that inductor calls, the products one batched GEMM.
 
     Freezing is what makes inductor fast on the CPU: with the weights as constants it packs every convolution
     for oneDNN once and fuses its bias, SiLU and residual add into it (`mkldnn::_convolution_pointwise`);
@@ -140,7 +131,7 @@ class InductorRunner:
                  options: dict | None = None, winograd: bool | None = None) -> None:
         # cuDNN picks its own convolution algorithms on CUDA.
         use = winograd if winograd is not None else on_cpu(net)
-        self.net, self.winograd_convs = swap_winograd(net, compiled=True) if use else (net, 0)
+        self.net, self.winograd_convs = with_winograd(net, compiled=True) if use else (net, 0)
         self.normalize = normalize
         self.compiled = torch.compile(self._forward, options=options)
 

@@ -16,8 +16,9 @@ inductor, which compiles the rest as before); in eager they are plain calls. A f
 transforms in torch ops for inductor to fuse: as fast, but inductor took 498.6 s to compile RTMDet-tiny with it
 (24.9 s without), generating code for the 36-term sums.
 
-Where it pays: one thread, batch 1, the Zen 4 VM, 96->96 channels at 80x80 (the head's widest): 10.51 ms
-direct (oneDNN, SiLU fused, inductor) against 5.88 ms. The first version's sweep of the network's shapes set
+Where it pays: one thread, batch 1, the Zen 4 VM, 96->96 channels at 80x80 (the head's widest): 9.85 ms direct
+(oneDNN) against 4.99 ms, of which the products 3.7 ms and the transforms 0.66 + 0.52 ms; at 40x40 2.40 against
+0.92 ms. The first version's sweep of the network's shapes set
 `MIN_CHANNELS`: 96->96 1.44-1.75x, 192->192 1.7x, 48->48 at 80x80 1.08x, the stem's 12->24 at 320x320 0.67x
 and 24->24 at 160x160 0.75x (too few channels: the transforms cost more than the products save).
 `bench/bench_winograd.py --convs` measures each shape again.
@@ -79,8 +80,8 @@ def winograd_enabled() -> bool:
 
 
 class KernelBuild:
-    """The transforms' shared library, built once per source, compiler flags and machine into the cache folder
-    (`$RTMDET_HOME/kernels`, model.zoo.cache_dir), by the system's C compiler (`$CC`, else `cc`)."""
+    """The transforms' shared library, built once per source, compiler flags and CPU into `kernel_dir()` by the
+    system's C compiler (`$CC`, else `cc`)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -113,7 +114,7 @@ class KernelBuild:
                                capture_output=True, timeout=120)
                 os.replace(built, target)
         library = ctypes.CDLL(str(target))
-        signature = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_long] * 8]
+        signature = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_long] * 6]
         library.winograd_input.argtypes = signature
         library.winograd_output.argtypes = [ctypes.c_void_p, *signature]
         library.winograd_input.restype = library.winograd_output.restype = None
@@ -148,14 +149,15 @@ def cpu_flags() -> str:
 
 
 KERNELS = KernelBuild()
+
+
 def input_transform(x: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
     """(N, H, W, C) NHWC float32 -> (36, N th tw, C): every 6x6 input tile's B^T d B, the convolution's zero
     padding (and the far edges' up to whole tiles) read as zeros."""
     x = x.contiguous()
     n, h, w, c = x.shape
     v = x.new_empty((A * A, n * tiles_h * tiles_w, c))
-    KERNELS.load().winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, tiles_h, tiles_w, 0,
-                                  n * tiles_h * tiles_w)
+    KERNELS.load().winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, tiles_h, tiles_w)
     return v
 
 
@@ -165,8 +167,7 @@ def output_transform(prod: torch.Tensor, bias: torch.Tensor, n: int, h: int, w: 
     prod, bias = prod.contiguous(), bias.contiguous()
     k = prod.shape[2]
     y = prod.new_empty((n, h, w, k))
-    KERNELS.load().winograd_output(prod.data_ptr(), bias.data_ptr(), y.data_ptr(), n, h, w, k, tiles_h, tiles_w,
-                                   0, n * tiles_h * tiles_w)
+    KERNELS.load().winograd_output(prod.data_ptr(), bias.data_ptr(), y.data_ptr(), n, h, w, k, tiles_h, tiles_w)
     return y
 
 

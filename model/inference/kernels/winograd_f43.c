@@ -1,9 +1,8 @@
 /* Winograd F(4x4, 3x3) transforms (model/inference/winograd.py has the method and the matrices).
  *
  * Plain C with no dependency: built at first use with the system's C compiler (`cc -O3 -march=native`), called
- * through ctypes. The batched GEMM between the two transforms stays torch's. Each function does tiles
- * [t0, t1), so a caller could cut the work; on this 2-core VM two threads gained nothing measurable (the
- * transforms are bound by memory), so the Python side calls each once.
+ * through ctypes. The batched GEMM between the two transforms stays torch's. One thread: cutting the tiles over
+ * two gained nothing measurable on the 2-core VM (the transforms are bound by memory).
  *
  * Layouts, all float32, row-major, contiguous:
  *   x     (n, h, w, c)       the NHWC input; the convolution's zero padding (1, and at the far edges up to whole
@@ -71,10 +70,9 @@ static inline __attribute__((always_inline)) void input_block(const float *img, 
     }
 }
 
-void winograd_input(const float *x, float *v, long n, long h, long w, long c, long th, long tw,
-                    long t0, long t1) {
+void winograd_input(const float *x, float *v, long n, long h, long w, long c, long th, long tw) {
     const long tiles = n * th * tw;
-    for (long t = t0; t < t1; ++t) {
+    for (long t = 0; t < tiles; ++t) {
         long img, i, j;
         tile_position(t, th, tw, &img, &i, &j);
         const float *base = x + img * h * w * c;
@@ -128,9 +126,9 @@ static inline __attribute__((always_inline)) void output_block(const float *prod
 }
 
 void winograd_output(const float *prod, const float *bias, float *y, long n, long h, long w, long k, long th,
-                     long tw, long t0, long t1) {
+                     long tw) {
     const long tiles = n * th * tw;
-    for (long t = t0; t < t1; ++t) {
+    for (long t = 0; t < tiles; ++t) {
         long img, i, j;
         tile_position(t, th, tw, &img, &i, &j);
         const long rows = h - i * 4 < 4 ? h - i * 4 : 4, cols = w - j * 4 < 4 ? w - j * 4 : 4;
