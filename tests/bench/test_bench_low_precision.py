@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from model.inference.low_precision import openvino_cpu_capabilities
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_BF16 = "BF16" in openvino_cpu_capabilities()
 
 
+@pytest.mark.slow  # 22 s of the default run's 15 minutes; the reduced-precision runners are tested in it
 def test_bench_low_precision_prints_its_table():
     cmd = [sys.executable, str(ROOT / "bench" / "bench_low_precision.py"), "--img-size", "96", "--batches", "1", "2",
            "--threads", "2", "--seconds", "0.2", "--rounds", "1"]

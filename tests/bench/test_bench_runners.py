@@ -11,9 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-# The seeded workload (no box passes: sparse regression's best case) in `make test-all` only, for the default run's
-# time; the shipped one has real boxes and the same table.
-@pytest.mark.parametrize("workload", [pytest.param("seeded", marks=pytest.mark.slow), "shipped"])
+# Both workloads in `make test-all` only: the shipped one took 35 s of the default run's 15 minutes for the
+# script's table, and the runners it times are tested in the default run (tests/model/test_runners.py).
+@pytest.mark.slow
+@pytest.mark.parametrize("workload", ["seeded", "shipped"])
 def test_bench_runners_prints_its_table(workload):
     cmd = [sys.executable, str(ROOT / "bench" / "bench_runners.py"), "--sizes", "tiny", "--batches", "1", "2",
            "--threads", "2", "--seconds", "0.2", "--rounds", "1", "--no-mmdet", "--no-inductor", "--input-size", "96",
