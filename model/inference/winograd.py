@@ -45,6 +45,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from model.nn.blocks import ConvModule
+
 # F(4x4, 3x3) with the interpolation points 0, +-1, +-2 (Lavin & Gray, section 4.2): output tile M, input tile A.
 M = 4
 A = M + 2
@@ -72,6 +74,10 @@ MIN_CHANNELS = 64
 ENABLE_ENV = "RTMDET_WINOGRAD"
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "winograd_f43.c"
 COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99")
+# OpenMP when the compiler has it (gcc does): the tiles are then cut over torch's own threads (kernels/*.c says why
+# that is torch's pool); without it the same source builds for one thread.
+OPENMP_FLAGS = ("-fopenmp",)
+ACT_NONE, ACT_SILU = 0, 1  # the output transform's activation, as the C file numbers them
 
 
 def winograd_enabled() -> bool:
@@ -103,20 +109,22 @@ class KernelBuild:
             raise OSError("no C compiler (cc, gcc or $CC) to build the Winograd transforms")
         source = KERNEL_SOURCE.read_bytes()
         # -march=native: a library built on one CPU may not run on another, so the CPU's flags are in the key.
-        key = hashlib.sha256(source + " ".join((compiler, *COMPILE_FLAGS, platform.machine(),
+        key = hashlib.sha256(source + " ".join((compiler, *COMPILE_FLAGS, *OPENMP_FLAGS, platform.machine(),
                                                  cpu_flags())).encode()).hexdigest()[:16]
         target = kernel_dir() / f"winograd_f43-{key}.so"
         if not target.exists():
             # Built beside the target and renamed: a concurrent process never loads half a file.
             with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
                 built = Path(tmp) / target.name
-                subprocess.run([compiler, *COMPILE_FLAGS, "-o", str(built), str(KERNEL_SOURCE)], check=True,
-                               capture_output=True, timeout=120)
+                command = [compiler, *COMPILE_FLAGS, "-o", str(built), str(KERNEL_SOURCE)]
+                try:
+                    subprocess.run([*command, *OPENMP_FLAGS], check=True, capture_output=True, timeout=120)
+                except subprocess.CalledProcessError:  # a compiler without OpenMP (clang without libomp)
+                    subprocess.run(command, check=True, capture_output=True, timeout=120)
                 os.replace(built, target)
         library = ctypes.CDLL(str(target))
-        signature = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_long] * 6]
-        library.winograd_input.argtypes = signature
-        library.winograd_output.argtypes = [ctypes.c_void_p, *signature]
+        library.winograd_input.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_long] * 7]
+        library.winograd_output.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_long] * 8]
         library.winograd_input.restype = library.winograd_output.restype = None
         return library
 
@@ -157,17 +165,19 @@ def input_transform(x: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor
     x = x.contiguous()
     n, h, w, c = x.shape
     v = x.new_empty((A * A, n * tiles_h * tiles_w, c))
-    KERNELS.load().winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, tiles_h, tiles_w)
+    KERNELS.load().winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, tiles_h, tiles_w, torch.get_num_threads())
     return v
 
 
 def output_transform(prod: torch.Tensor, bias: torch.Tensor, n: int, h: int, w: int, tiles_h: int,
-                     tiles_w: int) -> torch.Tensor:
-    """(36, N th tw, K) products -> (N, h, w, K) NHWC float32: every tile's A^T m A plus the bias, cropped."""
+                     tiles_w: int, silu: bool) -> torch.Tensor:
+    """(36, N th tw, K) products -> (N, h, w, K) NHWC float32: every tile's A^T m A plus the bias, cropped, and
+    with `silu` the SiLU of that."""
     prod, bias = prod.contiguous(), bias.contiguous()
     k = prod.shape[2]
     y = prod.new_empty((n, h, w, k))
-    KERNELS.load().winograd_output(prod.data_ptr(), bias.data_ptr(), y.data_ptr(), n, h, w, k, tiles_h, tiles_w)
+    KERNELS.load().winograd_output(prod.data_ptr(), bias.data_ptr(), y.data_ptr(), n, h, w, k, tiles_h, tiles_w,
+                                   ACT_SILU if silu else ACT_NONE, torch.get_num_threads())
     return y
 
 
@@ -184,7 +194,7 @@ def register_compiled_ops() -> None:
         ops = {
             "winograd_input": (input_transform, lambda x, th, tw: x.new_empty(
                 (A * A, x.shape[0] * th * tw, x.shape[3]))),
-            "winograd_output": (output_transform, lambda prod, bias, n, h, w, th, tw: prod.new_empty(
+            "winograd_output": (output_transform, lambda prod, bias, n, h, w, th, tw, silu: prod.new_empty(
                 (n, h, w, prod.shape[2]))),
         }
         for name, (impl, fake) in ops.items():
@@ -198,12 +208,13 @@ class WinogradConv2d(nn.Module):
     """A stride-1, padding-1, 3x3 `nn.Conv2d` (groups 1, bias or not) as Winograd F(4x4, 3x3), float32.
 
     Takes and returns NCHW tensors; the work is done in NHWC (a channels_last tensor's own memory order), so
-    that the channels, the GEMM's inner dimension, are contiguous."""
+    that the channels, the GEMM's inner dimension, are contiguous. `silu`: the SiLU that follows the convolution
+    is applied inside the output transform (`with_winograd` takes it from a ConvModule), saving its own pass."""
 
-    def __init__(self, conv: nn.Conv2d, compiled: bool = False) -> None:
+    def __init__(self, conv: nn.Conv2d, compiled: bool = False, silu: bool = False) -> None:
         super().__init__()
         # `compiled`: for a network torch.compile traces (the transforms as custom ops); else plain calls.
-        self.compiled = compiled
+        self.compiled, self.silu = compiled, silu
         if compiled:
             register_compiled_ops()
         if not eligible(conv, min_channels=1):
@@ -222,7 +233,7 @@ class WinogradConv2d(nn.Module):
         ops = torch.ops.rtmdet if self.compiled else _EAGER_OPS
         v = ops.winograd_input(x.permute(0, 2, 3, 1), tiles_h, tiles_w)  # NHWC: a channels_last tensor's memory
         prod = torch.bmm(v, self.u)  # the 36 products, each over the channels: (36, tiles, K)
-        return ops.winograd_output(prod, self.bias, n, h, w, tiles_h, tiles_w).permute(0, 3, 1, 2)
+        return ops.winograd_output(prod, self.bias, n, h, w, tiles_h, tiles_w, self.silu).permute(0, 3, 1, 2)
 
 
 def eligible(conv: nn.Module, min_channels: int = MIN_CHANNELS) -> bool:
@@ -237,7 +248,8 @@ def with_winograd(net: nn.Module, min_channels: int = MIN_CHANNELS,
                   compiled: bool = False) -> tuple[nn.Module, int]:
     """A copy of `net` whose eligible 3x3 convolutions are `WinogradConv2d`s (`compiled`: for torch.compile),
     and how many were swapped; `net` itself (0) when switched off or the transforms cannot be built here (no C
-    compiler). The original is untouched (the reference eager runner and the exports keep reading it)."""
+    compiler). The original is untouched (the reference eager runner and the exports keep reading it). A
+    ConvModule whose BatchNorm is folded (`fuse()`) hands its SiLU to the Winograd convolution."""
     if not winograd_enabled():
         return net, 0
     if KERNELS.load() is None:
@@ -248,6 +260,11 @@ def with_winograd(net: nn.Module, min_channels: int = MIN_CHANNELS,
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
             if eligible(child, min_channels):
-                setattr(parent, name, WinogradConv2d(child, compiled))
+                # ConvModule.forward is act(bn(conv(x))): with bn folded away, the SiLU can move into the conv.
+                fold_act = (isinstance(parent, ConvModule) and name == "conv"
+                            and isinstance(parent.bn, nn.Identity) and isinstance(parent.act, nn.SiLU))
+                setattr(parent, name, WinogradConv2d(child, compiled, silu=fold_act))
+                if fold_act:
+                    parent.act = nn.Identity()
                 swapped += 1
     return net, swapped

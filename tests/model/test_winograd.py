@@ -38,6 +38,44 @@ def test_winograd_gives_the_direct_convolution(c, k, h, w, batch, bias):
     assert torch.equal(got, got_nhwc)
 
 
+def test_the_fused_silu_is_torch_s_silu():
+    conv, x = conv_and_input(64, 80, 11, 9, batch=2)
+    with torch.no_grad():
+        conv.bias.mul_(8)  # outputs far into both tails, where SiLU is 0 and x: the exp's clamping is reached
+        plain = WinogradConv2d(conv)(x)
+        fused = WinogradConv2d(conv, silu=True)(x)
+    assert plain.min() < -20 and plain.max() > 20
+    want = nn.functional.silu(plain)
+    assert ((fused - want).abs() / want.abs().clamp_min(1e-3)).max() < 1e-5  # its own exp: a few float32 ulps
+
+
+def test_the_transforms_split_over_threads_give_the_same_bits():
+    conv, x = conv_and_input(96, 96, 23, 30, batch=2)
+    wino = WinogradConv2d(conv, silu=True)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                outs.append(wino(x))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*outs)  # each tile is one thread's alone: no sum changes order
+
+
+def test_the_transforms_use_torch_s_openmp_runtime():
+    """Built with OpenMP, the library must bind to the libgomp torch loaded, not a second runtime with its own
+    threads (which would oversubscribe the cores and ignore torch's thread count and wait policy)."""
+    from model.inference import winograd
+
+    library = winograd.KERNELS.load()
+    assert library is not None
+    with open("/proc/self/maps") as f:
+        maps = [line.split()[-1] for line in f if "libgomp" in line]
+    assert len(set(maps)) == 1 and "torch" in maps[0], sorted(set(maps))
+
+
 def test_winograd_refuses_what_it_does_not_compute():
     for conv in (nn.Conv2d(96, 96, 3, stride=2, padding=1), nn.Conv2d(96, 96, 5, padding=2),
                  nn.Conv2d(96, 96, 3, padding=1, groups=96), nn.Conv2d(96, 96, 3, padding=0),
@@ -57,6 +95,10 @@ def test_with_winograd_swaps_a_copy_and_keeps_the_network_s_outputs():
     # RTMDet-tiny: the wide stride-1 3x3 convolutions are the head's (2 stacked, cls and reg, 3 levels = 12),
     # and 8 in the backbone's and neck's blocks of 96 and 192 channels.
     assert swapped == sum(isinstance(m, WinogradConv2d) for m in swapped_net.modules()) == 20
+    # Every one of them sits in a ConvModule, whose SiLU moved into the output transform.
+    assert sum(isinstance(m, WinogradConv2d) and m.silu for m in swapped_net.modules()) == 20
+    assert sum(isinstance(m, nn.SiLU) for m in swapped_net.modules()) == sum(
+        isinstance(m, nn.SiLU) for m in net.modules()) - 20
     assert not any(isinstance(m, WinogradConv2d) for m in net.modules())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0)) * 50
@@ -131,8 +173,9 @@ def test_the_compiled_graph_s_custom_ops_are_the_eager_transforms():
     assert torch.equal(torch.ops.rtmdet.winograd_input(xh, 3, 4), v)
     prod = torch.bmm(v, WinogradConv2d(conv).u)
     bias = conv.bias.detach()
-    assert torch.equal(torch.ops.rtmdet.winograd_output(prod, bias, 2, 9, 14, 3, 4),
-                       winograd.output_transform(prod, bias, 2, 9, 14, 3, 4))
+    for silu in (False, True):
+        assert torch.equal(torch.ops.rtmdet.winograd_output(prod, bias, 2, 9, 14, 3, 4, silu),
+                           winograd.output_transform(prod, bias, 2, 9, 14, 3, 4, silu))
     # Their registered shapes, schemas and fake (tracing) versions agree with what they compute.
     torch.library.opcheck(torch.ops.rtmdet.winograd_input.default, (xh, 3, 4))
-    torch.library.opcheck(torch.ops.rtmdet.winograd_output.default, (prod, bias, 2, 9, 14, 3, 4))
+    torch.library.opcheck(torch.ops.rtmdet.winograd_output.default, (prod, bias, 2, 9, 14, 3, 4, True))
