@@ -83,7 +83,7 @@ def conv_rows(rounds: int, seconds: float) -> list[dict]:
         x = torch.randn(1, c, h, h).contiguous(memory_format=torch.channels_last)
         calls = {}
         for name, module in (("direct", nn.Sequential(conv, nn.SiLU()).to(memory_format=torch.channels_last)),
-                             ("winograd", nn.Sequential(WinogradConv2d(conv), nn.SiLU()))):
+                             ("winograd", WinogradConv2d(conv, compiled=True, silu=True))):
             compiled = torch.compile(module)
 
             def call(f=compiled, x=x):

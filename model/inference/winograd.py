@@ -1,4 +1,5 @@
-"""Winograd F(4x4, 3x3) for the network's wide 3x3 convolutions, for the eager and inductor runners on the CPU.
+"""Winograd F(4x4, 3x3) for the network's 3x3 convolutions of 24 channels or more, for the eager and inductor
+runners on the CPU.
 
 A stride-1 3x3 convolution computes each 4x4 block of outputs from a 6x6 block of input. Winograd's minimal
 filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2015) does that with 36
@@ -9,19 +10,26 @@ Four times fewer multiply-adds; the cost moves into the transforms, which read a
 and scale. oneDNN (which both torch and OpenVINO call here) and ONNX Runtime's MLAS run these convolutions
 directly on the CPU.
 
-Three steps: the input transform and the output transform (plus the bias) are a small C file
-(kernels/winograd_f43.c), built once per CPU by the system's C compiler and called through ctypes; the 36
-products are one `torch.bmm`. In a graph for `torch.compile` the two transforms are custom ops (opaque to
-inductor, which compiles the rest as before); in eager they are plain calls. A first version wrote the
-transforms in torch ops for inductor to fuse: as fast, but inductor took 498.6 s to compile RTMDet-tiny with it
-(24.9 s without), generating code for the 36-term sums.
+One C call per convolution (kernels/winograd_f43.c, built once per CPU by the system's C compiler, called
+through ctypes), a block of tiles at a time: the block's input transform, its 36 products (a register-blocked
+GEMM against the kernel, transformed and packed once here), its output transform plus the bias and, when a
+ConvModule's SiLU follows, the SiLU. A block's intermediates stay in the core's L2 cache; blocks are cut over
+torch's own OpenMP threads. In a graph for `torch.compile` the call is a custom op (opaque to inductor, which
+compiles the rest as before); in eager a plain call.
 
-Where it pays: one thread, batch 1, the Zen 4 VM, 96->96 channels at 80x80 (the head's widest): 9.85 ms direct
-(oneDNN) against 4.99 ms, of which the products 3.7 ms and the transforms 0.66 + 0.52 ms; at 40x40 2.40 against
-0.92 ms. The first version's sweep of the network's shapes set
-`MIN_CHANNELS`: 96->96 1.44-1.75x, 192->192 1.7x, 48->48 at 80x80 1.08x, the stem's 12->24 at 320x320 0.67x
-and 24->24 at 160x160 0.75x (too few channels: the transforms cost more than the products save).
-`bench/bench_winograd.py --convs` measures each shape again.
+How it got there (2026-12-07, the 2-core Zen 4 VM, /tmp micro-benchmarks, batch 1, SiLU included):
+- The first version wrote the transforms in torch ops for inductor to fuse: as fast, but inductor took 498.6 s
+  to compile RTMDet-tiny with it (24.9 s without), generating code for the 36-term sums.
+- The second kept the transforms in C but left the products to one `torch.bmm` over all tiles: 96->96 at
+  80x80, one thread, 5.09 ms against 10.8 ms direct. The bmm (MKL, which takes its AVX2 path on this AMD CPU:
+  56-76 GFLOP/s) was most of it, and the transformed input and products (5.5 MB each) went through memory.
+- This one, fused per block: 3.52 ms (1.45x the second; 2.10x at batch 8, where the second's intermediates were
+  8x larger). Its GEMM ran at 54 GFLOP/s until the build added `-ffp-contract=fast` (ISO C mode had kept every
+  multiply-add as two instructions), then 83.
+- Against the direct convolution (oneDNN) with SiLU, per shape, 1 / 2 threads: 96->96 at 80x80 2.88x / 1.72x,
+  64->64 at 80x80 2.43x / 1.89x, 48->48 at 80x80 1.56x / 1.94x, 24->24 at 160x160 1.32x / 1.16x, but the stem's
+  12->24 at 320x320 0.82x / 1.20x: hence `MIN_CHANNELS` 24. `bench/bench_winograd.py --convs` measures each
+  shape of tiny again.
 
 Accuracy: the transform matrices hold fractions (1/4, 1/6, 1/24); in float32 one 96->96 convolution's output
 differs from the direct one by ~6e-6 of its peak. The runners' choice (`model.inference.runner_choice`) and
@@ -68,16 +76,19 @@ A_T = ((1, 1, 1, 1, 1, 0),
        (0, 1, -1, 8, -8, 1))
 
 # Below this many input or output channels the transforms cost more than the 4x fewer products save (module
-# docstring: 48 channels was break-even, 96 a clear gain).
-MIN_CHANNELS = 64
+# docstring: 24 -> 24 still gained, the stem's 12 -> 24 lost on one thread).
+MIN_CHANNELS = 24
 
 ENABLE_ENV = "RTMDET_WINOGRAD"
 KERNEL_SOURCE = Path(__file__).with_name("kernels") / "winograd_f43.c"
-COMPILE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99")
+# -ffp-contract=fast: ISO C mode (-std=c99) would otherwise keep every a * b + c as two instructions, no FMA (the
+# GEMM ran at half speed without it).
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c99")
 # OpenMP when the compiler has it (gcc does): the tiles are then cut over torch's own threads (kernels/*.c says why
 # that is torch's pool); without it the same source builds for one thread.
 OPENMP_FLAGS = ("-fopenmp",)
 ACT_NONE, ACT_SILU = 0, 1  # the output transform's activation, as the C file numbers them
+PANEL = 32  # output channels per packed kernel panel: the C file's NR
 
 
 def winograd_enabled() -> bool:
@@ -123,9 +134,8 @@ class KernelBuild:
                     subprocess.run(command, check=True, capture_output=True, timeout=120)
                 os.replace(built, target)
         library = ctypes.CDLL(str(target))
-        library.winograd_input.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_long] * 7]
-        library.winograd_output.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_long] * 8]
-        library.winograd_input.restype = library.winograd_output.restype = None
+        library.winograd_conv.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_long] * 9]
+        library.winograd_conv.restype = ctypes.c_long
         return library
 
 
@@ -159,25 +169,27 @@ def cpu_flags() -> str:
 KERNELS = KernelBuild()
 
 
-def input_transform(x: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
-    """(N, H, W, C) NHWC float32 -> (36, N th tw, C): every 6x6 input tile's B^T d B, the convolution's zero
-    padding (and the far edges' up to whole tiles) read as zeros."""
-    x = x.contiguous()
+def pack_kernel(u: torch.Tensor) -> torch.Tensor:
+    """(36, C, K) transformed kernel -> (36, Kp / PANEL, C, PANEL), the GEMM's panels of PANEL output channels
+    (Kp: K rounded up to PANEL, zeros in the padding), as kernels/winograd_f43.c reads it."""
+    elements, c, k = u.shape
+    kp = -(-k // PANEL) * PANEL
+    padded = torch.nn.functional.pad(u, (0, kp - k))
+    return padded.reshape(elements, c, kp // PANEL, PANEL).permute(0, 2, 1, 3).contiguous()
+
+
+def winograd_conv(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor, out_channels: int,
+                  silu: bool) -> torch.Tensor:
+    """(N, H, W, C) NHWC float32 -> (N, H, W, K) NHWC float32: the 3x3 stride-1 padding-1 convolution whose
+    transformed, packed kernel is `u` (`pack_kernel`), plus `bias`, and with `silu` the SiLU of that."""
+    x, u, bias = x.contiguous(), u.contiguous(), bias.contiguous()
     n, h, w, c = x.shape
-    v = x.new_empty((A * A, n * tiles_h * tiles_w, c))
-    KERNELS.load().winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, tiles_h, tiles_w, torch.get_num_threads())
-    return v
-
-
-def output_transform(prod: torch.Tensor, bias: torch.Tensor, n: int, h: int, w: int, tiles_h: int,
-                     tiles_w: int, silu: bool) -> torch.Tensor:
-    """(36, N th tw, K) products -> (N, h, w, K) NHWC float32: every tile's A^T m A plus the bias, cropped, and
-    with `silu` the SiLU of that."""
-    prod, bias = prod.contiguous(), bias.contiguous()
-    k = prod.shape[2]
-    y = prod.new_empty((n, h, w, k))
-    KERNELS.load().winograd_output(prod.data_ptr(), bias.data_ptr(), y.data_ptr(), n, h, w, k, tiles_h, tiles_w,
-                                   ACT_SILU if silu else ACT_NONE, torch.get_num_threads())
+    y = x.new_empty((n, h, w, out_channels))
+    status = KERNELS.load().winograd_conv(x.data_ptr(), u.data_ptr(), bias.data_ptr(), y.data_ptr(), n, h, w, c,
+                                          out_channels, -(-h // M), -(-w // M), ACT_SILU if silu else ACT_NONE,
+                                          torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("the Winograd convolution could not allocate its per-thread scratch")
     return y
 
 
@@ -185,23 +197,17 @@ _registered = threading.Lock()
 
 
 def register_compiled_ops() -> None:
-    """The transforms as torch custom ops (`torch.ops.rtmdet.winograd_input/output`), which `torch.compile`
-    keeps as opaque calls, with the shapes they give. Only for compiled graphs: a custom op's eager call
-    imports torch._dynamo (seconds), which the serving path never needs."""
+    """The convolution as a torch custom op (`torch.ops.rtmdet.winograd_conv`), which `torch.compile` keeps as an
+    opaque call, with the shape it gives. Only for compiled graphs: a custom op's eager call imports
+    torch._dynamo (seconds), which the serving path never needs."""
     with _registered:
-        if hasattr(torch.ops.rtmdet, "winograd_input"):
+        if hasattr(torch.ops.rtmdet, "winograd_conv"):
             return
-        ops = {
-            "winograd_input": (input_transform, lambda x, th, tw: x.new_empty(
-                (A * A, x.shape[0] * th * tw, x.shape[3]))),
-            "winograd_output": (output_transform, lambda prod, bias, n, h, w, th, tw, silu: prod.new_empty(
-                (n, h, w, prod.shape[2]))),
-        }
-        for name, (impl, fake) in ops.items():
-            torch.library.custom_op(f"rtmdet::{name}", impl, mutates_args=()).register_fake(fake)
+        torch.library.custom_op("rtmdet::winograd_conv", winograd_conv, mutates_args=()).register_fake(
+            lambda x, u, bias, out_channels, silu: x.new_empty((*x.shape[:3], out_channels)))
 
 
-_EAGER_OPS = SimpleNamespace(winograd_input=input_transform, winograd_output=output_transform)
+_EAGER_OPS = SimpleNamespace(winograd_conv=winograd_conv)
 
 
 class WinogradConv2d(nn.Module):
@@ -222,18 +228,16 @@ class WinogradConv2d(nn.Module):
         w = conv.weight.detach().double()  # (K, C, 3, 3); the kernel transform in float64, rounded once
         g = torch.tensor(G, dtype=torch.float64)
         u = torch.einsum("ar,kcrs,bs->abck", g, w, g).reshape(A * A, conv.in_channels, conv.out_channels)
-        self.register_buffer("u", u.float().contiguous())
+        self.register_buffer("u", pack_kernel(u.float()))
         bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(conv.out_channels)
         self.register_buffer("bias", bias.float())
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        tiles_h, tiles_w = -(-h // M), -(-w // M)
         ops = torch.ops.rtmdet if self.compiled else _EAGER_OPS
-        v = ops.winograd_input(x.permute(0, 2, 3, 1), tiles_h, tiles_w)  # NHWC: a channels_last tensor's memory
-        prod = torch.bmm(v, self.u)  # the 36 products, each over the channels: (36, tiles, K)
-        return ops.winograd_output(prod, self.bias, n, h, w, tiles_h, tiles_w, self.silu).permute(0, 3, 1, 2)
+        # NHWC in and out: a channels_last tensor's own memory order, so neither permute copies.
+        y = ops.winograd_conv(x.permute(0, 2, 3, 1), self.u, self.bias, self.out_channels, self.silu)
+        return y.permute(0, 3, 1, 2)
 
 
 def eligible(conv: nn.Module, min_channels: int = MIN_CHANNELS) -> bool:

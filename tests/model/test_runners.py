@@ -178,8 +178,8 @@ def test_inductor_runner_gives_eager_outputs(net):
         compiled(x)
     ops = {e.name for e in prof.events()}
     assert "mkldnn::_convolution_pointwise" in ops and "aten::convolution" not in ops, sorted(ops)
-    # The wide 3x3 convolutions run as Winograd F(4x4, 3x3): its transforms are in the compiled graph.
-    assert compiled.winograd_convs == 20 and "rtmdet::winograd_input" in ops, sorted(ops)
+    # The wide 3x3 convolutions run as Winograd F(4x4, 3x3): its fused kernel is in the compiled graph.
+    assert compiled.winograd_convs == 23 and "rtmdet::winograd_conv" in ops, sorted(ops)
 
 
 class Slowed:

@@ -25,6 +25,8 @@ def conv_and_input(c, k, h, w, batch=1, bias=True, seed=0):
     (64, 128, 13, 7, 2, True),    # partial tiles at both far edges, a batch, more outputs than inputs
     (128, 64, 3, 5, 1, False),    # smaller than one tile; no bias
     (96, 96, 12, 20, 3, True),    # a tight canvas's landscape map
+    (40, 72, 30, 22, 2, True),    # channels not a multiple of the 16 lanes nor outputs of the 32-wide panels;
+                                  # 96 tiles, four blocks of the fused kernel's (the last one short)
 ])
 def test_winograd_gives_the_direct_convolution(c, k, h, w, batch, bias):
     conv, x = conv_and_input(c, k, h, w, batch, bias)
@@ -49,7 +51,7 @@ def test_the_fused_silu_is_torch_s_silu():
     assert ((fused - want).abs() / want.abs().clamp_min(1e-3)).max() < 1e-5  # its own exp: a few float32 ulps
 
 
-def test_the_transforms_split_over_threads_give_the_same_bits():
+def test_the_blocks_split_over_threads_give_the_same_bits():
     conv, x = conv_and_input(96, 96, 23, 30, batch=2)
     wino = WinogradConv2d(conv, silu=True)
     before = torch.get_num_threads()
@@ -61,10 +63,10 @@ def test_the_transforms_split_over_threads_give_the_same_bits():
                 outs.append(wino(x))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(*outs)  # each tile is one thread's alone: no sum changes order
+    assert torch.equal(*outs)  # each block of tiles is one thread's alone, cut the same way: no sum changes order
 
 
-def test_the_transforms_use_torch_s_openmp_runtime():
+def test_the_kernel_uses_torch_s_openmp_runtime():
     """Built with OpenMP, the library must bind to the libgomp torch loaded, not a second runtime with its own
     threads (which would oversubscribe the cores and ignore torch's thread count and wait policy)."""
     from model.inference import winograd
@@ -92,13 +94,13 @@ def test_with_winograd_swaps_a_copy_and_keeps_the_network_s_outputs():
     net = fused_for_inference(model)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     swapped_net, swapped = with_winograd(net)
-    # RTMDet-tiny: the wide stride-1 3x3 convolutions are the head's (2 stacked, cls and reg, 3 levels = 12),
-    # and 8 in the backbone's and neck's blocks of 96 and 192 channels.
-    assert swapped == sum(isinstance(m, WinogradConv2d) for m in swapped_net.modules()) == 20
+    # RTMDet-tiny: the stride-1 3x3 convolutions of 24 channels or more are the head's (2 stacked, cls and reg, 3
+    # levels = 12), and 11 in the backbone's and neck's blocks of 24 to 192 channels (not the stem's 12 -> 24).
+    assert swapped == sum(isinstance(m, WinogradConv2d) for m in swapped_net.modules()) == 23
     # Every one of them sits in a ConvModule, whose SiLU moved into the output transform.
-    assert sum(isinstance(m, WinogradConv2d) and m.silu for m in swapped_net.modules()) == 20
+    assert sum(isinstance(m, WinogradConv2d) and m.silu for m in swapped_net.modules()) == 23
     assert sum(isinstance(m, nn.SiLU) for m in swapped_net.modules()) == sum(
-        isinstance(m, nn.SiLU) for m in net.modules()) - 20
+        isinstance(m, nn.SiLU) for m in net.modules()) - 23
     assert not any(isinstance(m, WinogradConv2d) for m in net.modules())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     x = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(0)) * 50
@@ -115,7 +117,7 @@ def test_the_eager_runner_build_runner_makes_runs_winograd_and_the_reference_doe
     x = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     served = build_runner("eager", net, normalize, x, (8, 16, 32), threads=1)
     reference = EagerRunner(net, normalize)
-    assert served.winograd_convs == 20 and reference.winograd_convs == 0 and reference.net is net
+    assert served.winograd_convs == 23 and reference.winograd_convs == 0 and reference.net is net
     assert 0 < peak_relative_error(served(x), reference(x)) <= PEAK_TOLERANCE  # not the same code path
     monkeypatch.setenv("RTMDET_WINOGRAD", "0")
     assert build_runner("eager", net, normalize, x, (8, 16, 32), threads=1).winograd_convs == 0
@@ -163,19 +165,15 @@ def test_an_unwritable_home_builds_in_a_private_temp_folder(monkeypatch, tmp_pat
         winograd.kernel_dir()
 
 
-def test_the_compiled_graph_s_custom_ops_are_the_eager_transforms():
+def test_the_compiled_graph_s_custom_op_is_the_eager_convolution():
     from model.inference import winograd
 
     winograd.register_compiled_ops()
     conv, x = conv_and_input(64, 96, 9, 14, batch=2)
     xh = x.permute(0, 2, 3, 1)  # NHWC; 9 x 14 is 3 x 4 tiles of 4, the last ones partly padding
-    v = winograd.input_transform(xh, 3, 4)
-    assert torch.equal(torch.ops.rtmdet.winograd_input(xh, 3, 4), v)
-    prod = torch.bmm(v, WinogradConv2d(conv).u)
-    bias = conv.bias.detach()
+    wino = WinogradConv2d(conv)
     for silu in (False, True):
-        assert torch.equal(torch.ops.rtmdet.winograd_output(prod, bias, 2, 9, 14, 3, 4, silu),
-                           winograd.output_transform(prod, bias, 2, 9, 14, 3, 4, silu))
-    # Their registered shapes, schemas and fake (tracing) versions agree with what they compute.
-    torch.library.opcheck(torch.ops.rtmdet.winograd_input.default, (xh, 3, 4))
-    torch.library.opcheck(torch.ops.rtmdet.winograd_output.default, (prod, bias, 2, 9, 14, 3, 4, True))
+        assert torch.equal(torch.ops.rtmdet.winograd_conv(xh, wino.u, wino.bias, 96, silu),
+                           winograd.winograd_conv(xh, wino.u, wino.bias, 96, silu))
+    # Its registered shape, schema and fake (tracing) version agree with what it computes.
+    torch.library.opcheck(torch.ops.rtmdet.winograd_conv.default, (xh, wino.u, wino.bias, 96, True))
