@@ -52,13 +52,15 @@ from bench_model import machine_line, photos  # noqa: E402
 from bench_vs_mmdet import MMDET_PY, MMDetPeer  # noqa: E402
 
 from model import Detector, TestConfig, build_rtmdet  # noqa: E402
-from model.inference.accelerate import EagerRunner, InductorRunner  # noqa: E402
+from model.inference.accelerate import EagerRunner, InductorRunner, fast_eager  # noqa: E402
 from model.inference.allocator import keep_freed_memory  # noqa: E402
 from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, export_network  # noqa: E402
 from model.inference.runner_choice import nearest_size, peak_relative_error, pick_fastest  # noqa: E402
+from model.inference.streams import with_streams  # noqa: E402
 from model.testing import fill_deterministic  # noqa: E402
 
 OURS = ("eager", "inductor", "onnxruntime", "openvino")
+REFERENCE = "reference"
 PEERS = ("ort_plain", "ov_plain")
 
 
@@ -107,9 +109,12 @@ def runners_for(det: Detector, threads: int, inductor: bool, peers: bool = True,
     regression); the plain runtimes too with `peers`, always on a square-only export, as a plain user has it.
     `any_canvas`: our runtime runners' export takes any height and width (the tight canvas)."""
     net = det.engine_network
-    eager = EagerRunner(net, det.normalize)
-    out: dict[str, object] = {"eager": eager, "inductor": InductorRunner(net, det.normalize) if inductor
-                              else None}
+    # `reference`: plain eager, what every runner's outputs are checked against (not timed); eager and inductor
+    # as the Detector builds them on the CPU (Winograd convolutions, a batch over one-thread streams).
+    reference = EagerRunner(net, det.normalize)
+    out: dict[str, object] = {
+        REFERENCE: reference, "eager": with_streams(fast_eager(reference), threads),
+        "inductor": with_streams(InductorRunner(net, det.normalize), threads) if inductor else None}
     with export_network(net, det.strides, det.input_size, any_canvas) as path:
         out["onnxruntime"] = OnnxRuntimeRunner(path, threads)
         out["openvino"] = OpenVINORunner(path, threads)
@@ -123,8 +128,8 @@ def runners_for(det: Detector, threads: int, inductor: bool, peers: bool = True,
 def auto_pick(runners: dict[str, object], examples: list[torch.Tensor], threads: int):
     """The start-up choice, as `Detector(accelerate="auto")` makes it after a warm-up of these batch sizes (the
     smallest and the largest are measured), from runners already built."""
-    return pick_fastest(runners["eager"], {k: (lambda r=r: r) for k, r in runners.items()
-                                           if k in OURS and k != "eager" and r is not None}, examples, threads)[1]
+    return pick_fastest(runners[REFERENCE], {k: (lambda r=r: r) for k, r in runners.items()
+                                             if k in OURS and k != "eager" and r is not None}, examples, threads)[1]
 
 
 def workload(name: str, size: str, input_size: int):
@@ -161,7 +166,7 @@ def bench_size(size: str, threads: int, batches: list[int], seconds: float, roun
     choice = auto_pick(runners, examples, threads)
     dets = {}
     for name, runner in runners.items():
-        if runner is not None:
+        if runner is not None and name != REFERENCE:
             d = Detector(model, names, device="cpu", test_cfg=cfg, accelerate="eager")
             d.set_runner(runner, name)
             dets[name] = d
@@ -179,11 +184,11 @@ def bench_size(size: str, threads: int, batches: list[int], seconds: float, roun
     for b in batches:
         imgs = images(b)
         x, infos = base.preprocess(imgs)
-        ref = runners["eager"](x)
-        errors = {k: peak_relative_error(r(x), ref) for k, r in runners.items() if r is not None}
+        timed = {k: r for k, r in runners.items() if r is not None and k != REFERENCE}
+        ref = runners[REFERENCE](x)
+        errors = {k: peak_relative_error(r(x), ref) for k, r in timed.items()}
         peer_fwd = SelfTimed(partial(peer.forward_times, size, b, 1)) if peer else None
-        fwd = interleaved({**{k: partial(r, x) for k, r in runners.items() if r is not None}, "mmdet": peer_fwd},
-                          seconds, rounds)
+        fwd = interleaved({**{k: partial(r, x) for k, r in timed.items()}, "mmdet": peer_fwd}, seconds, rounds)
         pre = interleaved({"pre": partial(base.preprocess, imgs),
                            "post": partial(base.postprocess, base.forward(x), infos, cfg)}, seconds / 4, 2)
         calls = {**{k: partial(d, imgs) for k, d in dets.items()}, "mmdet": peer_fwd}
