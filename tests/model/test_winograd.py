@@ -135,6 +135,33 @@ def test_without_a_c_compiler_the_convolutions_stay_direct_with_a_warning(monkey
     assert same is net and swapped == 0
 
 
+def test_a_compiler_without_openmp_builds_the_one_thread_kernel(monkeypatch, tmp_path):
+    """A C compiler that refuses -fopenmp (clang without libomp) still gets the convolutions, one thread."""
+    import shutil
+
+    from model.inference import winograd
+
+    real = shutil.which("cc") or shutil.which("gcc")
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("RTMDET_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setattr(winograd, "KERNELS", winograd.KernelBuild())
+    assert winograd.KERNELS.load() is not None, winograd.KERNELS.error
+    (library,) = (tmp_path / "kernels").glob("winograd_f43-*.so")
+    assert b"libgomp" not in library.read_bytes()  # the second try, without OpenMP
+    conv, x = conv_and_input(64, 64, 17, 19, batch=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            got, want = WinogradConv2d(conv)(x), conv(x)
+    finally:
+        torch.set_num_threads(before)
+    assert (got - want).abs().max() / want.abs().max() < 2e-5
+
+
 def test_the_library_is_built_once_per_cache_folder(monkeypatch, tmp_path):
     from model.inference import winograd
 
