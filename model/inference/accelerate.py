@@ -12,7 +12,7 @@ their peak.
 
 - `eager`: the module itself (channels_last, BatchNorm folded). No start-up cost: the default on the CPU.
   With 2+ threads, eager and inductor cut a batch of 2+ over one-thread streams (model.inference.streams).
-  On the CPU both run the wide stride-1 3x3 convolutions as Winograd F(4x4, 3x3) (model.inference.winograd;
+  On the CPU both run the stride-1 3x3 convolutions of 24+ channels as Winograd F(4x4, 3x3) (model.inference.winograd;
   `RTMDET_WINOGRAD=0` turns it off); the eager reference that `auto` checks candidates against does not.
 - `inductor`: `torch.compile` with freezing (weights folded into the graph as constants, convolutions packed
   for oneDNN with their activations fused).
@@ -113,9 +113,9 @@ class EagerRunner:
 class InductorRunner:
     """`torch.compile` (inductor) of normalise + network, weights frozen into the graph.
 
-    On the CPU (`winograd`, default: when the network is on the CPU) the wide stride-1 3x3 convolutions are
-    swapped for Winograd F(4x4, 3x3) in a copy of the network (model.inference.winograd): 4x fewer
-    multiply-adds; its two transforms are custom ops (C) that inductor calls, the products one batched GEMM.
+    On the CPU (`winograd`, default: when the network is on the CPU) the stride-1 3x3 convolutions of 24+
+    channels are swapped for Winograd F(4x4, 3x3) in a copy of the network (model.inference.winograd): 4x fewer
+    multiply-adds, each convolution (with its SiLU) one fused C kernel, a custom op that inductor calls.
 
     Freezing is what makes inductor fast on the CPU: with the weights as constants it packs every convolution
     for oneDNN once and fuses its bias, SiLU and residual add into it (`mkldnn::_convolution_pointwise`);
