@@ -4,9 +4,10 @@
  * ctypes. One call does a whole convolution, a block of tiles at a time: the block's input transform, its 36
  * products (a small register-blocked GEMM each, against the kernel packed once at load), its output transform
  * (plus the bias and the activation). A block's transformed input and products (about 0.5 MB) stay in the core's
- * L2 cache between the three steps, instead of a round trip to memory for each; and the GEMM, written for these
- * shapes, runs at 105-115 GFLOP/s on one Zen 4 core where the BLAS torch.bmm calls (MKL, which takes its AVX2 path
- * on AMD CPUs) ran at 56-76 (2026-12-07, /tmp micro-benchmarks).
+ * L2 cache between the three steps, instead of a round trip to memory for each. The GEMM, written for these
+ * shapes, ran at 83 GFLOP/s inside this kernel on one Zen 4 core (105-115 alone on a block's shapes), where the BLAS
+ * that torch.bmm calls (MKL, which takes its AVX2 path on AMD CPUs) ran at 56-76 (2026-12-07, /tmp
+ * micro-benchmarks). It needs the compiler to fuse multiply-adds (`-ffp-contract=fast`: winograd.py).
  *
  * Blocks are cut over `nthreads` OpenMP threads (the caller passes torch's count): the library's libgomp.so.1 is
  * the one torch already loaded (same soname), so these regions use torch's own thread pool and wait policy, never a
@@ -29,18 +30,14 @@
 #define LANES 16
 #define A_ELEMENTS 36 /* 6 x 6 */
 
-/* Below this many (tile, channel) pairs one thread does all: waking a second one (PASSIVE wait policy) costs more
- * than it saves. Measured on the 2-core VM: 400 tiles x 96 channels (80x80) 0.59 -> 0.37 ms on two threads,
- * 100 x 96 (40x40) 0.12 -> 0.15 ms. */
-#define MIN_PARALLEL_WORK 32768
-
 #define ACT_NONE 0
 #define ACT_SILU 1
 
 /* e^z for z clamped to [-87, 87], in operations the compiler vectorises over the 16 lanes (no libm call, no
  * branch): z = n ln2 + r with |r| <= ln2/2 (ln2 in two parts, so that r keeps its low bits), e^r by its Taylor
  * series to r^6, 2^n written into the exponent bits. n is rounded by adding 1.5 * 2^23, which leaves n in the
- * sum's low mantissa bits. Worst relative error of the SiLU below from -120 to 120: 2.6e-7 (against double). */
+ * sum's low mantissa bits. Worst relative error of the SiLU below from -120 to 120: 2.6e-7 against double,
+ * with and without FMA contraction. */
 static inline float exp_lanes(float z) {
     z = z > 87.0f ? 87.0f : z;
     z = z < -87.0f ? -87.0f : z;
