@@ -52,7 +52,7 @@ from torch import nn
 from model.inference.accelerate import EagerRunner, InductorRunner, Outputs, Runner, fast_eager
 from model.inference.choice_store import ChoiceFile
 from model.inference.streams import with_streams
-from model.inference.winograd import winograd_enabled
+from model.inference.winograd import kernel_version, winograd_enabled
 
 log = logging.getLogger("rtmdet.runner")
 CANDIDATES = ("eager", "inductor", "onnxruntime", "openvino")
@@ -218,11 +218,13 @@ _CHOICES_LOCK = threading.Lock()
 def speed_key(net: nn.Module, examples: Sequence[torch.Tensor], threads: int, candidates: Sequence[str]) -> tuple:
     """What decides which runner is fastest, the weights' values left out."""
     shapes = repr([(k, tuple(v.shape), str(v.dtype), str(v.device)) for k, v in net.state_dict().items()])
-    # TORCH_STREAMS, WINOGRAD: choices measured before the torch engines ran over streams, or before they ran
-    # the Winograd convolutions (or with them switched off), are measured again.
+    # TORCH_STREAMS, winograd: choices measured before the torch engines ran over streams, or before they ran
+    # the Winograd convolutions, with them switched off, or with another version of their kernel, are measured
+    # again.
+    winograd = f"winograd={kernel_version()}" if winograd_enabled() else "winograd=0"
     return (hashlib.sha256(shapes.encode()).hexdigest(), tuple(sorted(tuple(x.shape) for x in examples)),
             str(examples[0].dtype), threads, tuple(candidates), os.environ.get("OMP_WAIT_POLICY"), TORCH_STREAMS,
-            f"winograd={int(winograd_enabled())}")
+            winograd)
 
 
 def forget_choices() -> None:

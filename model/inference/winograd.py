@@ -91,6 +91,11 @@ ACT_NONE, ACT_SILU = 0, 1  # the output transform's activation, as the C file nu
 PANEL = 32  # output channels per packed kernel panel: the C file's NR
 
 
+def kernel_version() -> str:
+    """A fingerprint of the kernel's source: what an `auto` choice measured with Winograd was measured with."""
+    return hashlib.sha256(KERNEL_SOURCE.read_bytes()).hexdigest()[:12]
+
+
 def winograd_enabled() -> bool:
     """Off with `RTMDET_WINOGRAD=0` (direct convolutions everywhere, e.g. to compare against them)."""
     return os.environ.get(ENABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")

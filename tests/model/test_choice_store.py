@@ -95,3 +95,19 @@ def test_a_folder_that_cannot_be_written_is_a_warning_and_the_choice_still_serve
     assert choice.chosen == "eager" and "could not save" in caplog.text
     # The eager runner as it serves: Winograd on the CPU (model.inference.winograd), the same code to the bit.
     assert peak_relative_error(runner(x1), EagerRunner(network, NORMALIZE, winograd=True)(x1)) == 0.0
+
+
+def test_a_choice_measured_with_another_winograd_kernel_is_measured_again(tmp_path, monkeypatch):
+    from model.inference import winograd
+
+    network, _ = seeded_network(3)
+    (x1,) = batches(1, seed=9)
+    key = speed_key(network, [x1], 1, ("eager",))
+    other = tmp_path / "winograd_f43.c"
+    other.write_bytes(winograd.KERNEL_SOURCE.read_bytes() + b"/* another version */\n")
+    monkeypatch.setattr(winograd, "KERNEL_SOURCE", other)
+    assert speed_key(network, [x1], 1, ("eager",)) != key
+    monkeypatch.setenv("RTMDET_WINOGRAD", "0")  # off: the kernel's version does not matter
+    off = speed_key(network, [x1], 1, ("eager",))
+    monkeypatch.setattr(winograd, "KERNEL_SOURCE", tmp_path / "never-read.c")
+    assert speed_key(network, [x1], 1, ("eager",)) == off != key
