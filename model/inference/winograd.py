@@ -48,7 +48,6 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -84,8 +83,8 @@ KERNEL_SOURCE = Path(__file__).with_name("kernels") / "winograd_f43.c"
 # -ffp-contract=fast: ISO C mode (-std=c99) would otherwise keep every a * b + c as two instructions, no FMA (the
 # GEMM ran at half speed without it).
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c99")
-# OpenMP when the compiler has it (gcc does): the tiles are then cut over torch's own threads (kernels/*.c says why
-# that is torch's pool); without it the same source builds for one thread.
+# OpenMP when the compiler has it (gcc does): the blocks of tiles are then cut over torch's own threads
+# (kernels/*.c says why that is torch's pool); without it the same source builds for one thread.
 OPENMP_FLAGS = ("-fopenmp",)
 ACT_NONE, ACT_SILU = 0, 1  # the output transform's activation, as the C file numbers them
 PANEL = 32  # output channels per packed kernel panel: the C file's NR
@@ -212,8 +211,6 @@ def register_compiled_ops() -> None:
             lambda x, u, bias, out_channels, silu: x.new_empty((*x.shape[:3], out_channels)))
 
 
-_EAGER_OPS = SimpleNamespace(winograd_conv=winograd_conv)
-
 
 class WinogradConv2d(nn.Module):
     """A stride-1, padding-1, 3x3 `nn.Conv2d` (groups 1, bias or not) as Winograd F(4x4, 3x3), float32.
@@ -239,9 +236,9 @@ class WinogradConv2d(nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = torch.ops.rtmdet if self.compiled else _EAGER_OPS
+        conv = torch.ops.rtmdet.winograd_conv if self.compiled else winograd_conv
         # NHWC in and out: a channels_last tensor's own memory order, so neither permute copies.
-        y = ops.winograd_conv(x.permute(0, 2, 3, 1), self.u, self.bias, self.out_channels, self.silu)
+        y = conv(x.permute(0, 2, 3, 1), self.u, self.bias, self.out_channels, self.silu)
         return y.permute(0, 3, 1, 2)
 
 

@@ -160,9 +160,7 @@ static inline __attribute__((always_inline)) void output_block(const float *prod
 #define MR 6
 #define NR 32
 /* A block's v and m together take about this many bytes (half a Zen 4 core's L2). */
-#ifndef BLOCK_BYTES
 #define BLOCK_BYTES (512 * 1024)
-#endif
 
 /* mc[rows x NR] (row stride ldm) = va[rows x c] (row stride c) . up[c x NR] (one packed panel), rows <= MR */
 static inline __attribute__((always_inline)) void gemm_micro(const float *restrict va, const float *restrict up,
@@ -214,7 +212,7 @@ static inline __attribute__((always_inline)) void conv_block(const float *x, con
 }
 
 /* Tiles per block: a multiple of MR whose v and m fit BLOCK_BYTES, at least MR. */
-long winograd_block_tiles(long c, long kp) {
+static long block_tiles(long c, long kp) {
     long tb = BLOCK_BYTES / ((long)sizeof(float) * A_ELEMENTS * (c + kp)) / MR * MR;
     return tb < MR ? MR : tb;
 }
@@ -224,7 +222,7 @@ long winograd_block_tiles(long c, long kp) {
 static inline __attribute__((always_inline)) long conv_all(const float *x, const float *u, const float *bias,
                                                            float *y, long n, long h, long w, long c, long k,
                                                            long th, long tw, long act, long nthreads) {
-    const long kp = (k + NR - 1) / NR * NR, tiles = n * th * tw, tb = winograd_block_tiles(c, kp);
+    const long kp = (k + NR - 1) / NR * NR, tiles = n * th * tw, tb = block_tiles(c, kp);
     const long blocks = (tiles + tb - 1) / tb;
     long failed = 0;
     (void)nthreads;
