@@ -26,6 +26,14 @@ still lets the oldest request finish in time (and never longer than `max_queue_d
 on the way: a lone request never waits), then takes a full batch (all it holds) while more than a batch is
 admitted; with less, the count that lets the most finish by their due time (fewer only when that saves the
 oldest and costs nobody behind it).
+
+Two batches in flight (`max_in_flight`, RTMDET_MAX_BATCHES_IN_FLIGHT; the fixed-delay batcher, with a runner that
+takes overlapping calls: `Detector.overlapping_calls`): while a batch runs, the worker starts the next one as soon as
+a full batch is queued, instead of waiting for the first to end. The runner's stream threads then take the second
+batch's chunks the moment they finish the first's, rather than waiting at the end of every batch for the stream
+that a decode thread slowed, and the first batch's post-processing runs while the second computes. With less than a
+full batch queued the worker waits for the running batch as before, so that the next batch fills up: below full
+load nothing changes. The SLO batcher keeps one batch at a time: it learns the times of batches that run alone.
 """
 from __future__ import annotations
 
@@ -58,6 +66,7 @@ log = logging.getLogger(__name__)
 # serialisation, the event loop, scheduling noise on a shared machine).
 SLO_HEADROOM = 0.85
 DECODE_ALPHA = 0.2  # EWMA weight for the admission-to-queue time (decode + letterbox)
+SLOT_POLL_S = 0.05  # the longest a worker waiting for a batch slot sleeps before looking again
 
 __all__ = ["BatchFailed", "CannotMeetDeadline", "DeadlineExceeded", "DetectParams", "DynamicBatcher",
            "InferenceTimeout", "NotAccepting", "QueueFull", "StageTimes", "Ticket"]
@@ -127,9 +136,15 @@ class DynamicBatcher:
 
     def __init__(self, model: BatchModel, metrics: ModelMetrics, max_batch_size: int = 8,
                  max_queue_delay_s: float = 0.002, max_queue_size: int = 64, inference_timeout_s: float = 0.0,
-                 max_stalled: int = 2, latency_slo_s: float | None = None, times: BatchTimeModel | None = None) -> None:
+                 max_stalled: int = 2, latency_slo_s: float | None = None, times: BatchTimeModel | None = None,
+                 max_in_flight: int = 1) -> None:
         if latency_slo_s is not None and latency_slo_s <= 0:
             raise ValueError(f"latency_slo_s must be positive (or None: off), got {latency_slo_s}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        if latency_slo_s is not None and max_in_flight > 1:
+            raise ValueError("the SLO batcher runs one batch at a time (it learns the times of batches that ran "
+                             f"alone); got max_in_flight={max_in_flight} with a latency SLO")
         self.model = model
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -138,9 +153,18 @@ class DynamicBatcher:
         self.inference_timeout_s = inference_timeout_s  # 0: no watchdog
         self.max_stalled = max_stalled  # stuck model threads tolerated before batches fail at once
         self.stalled = 0  # model steps past the watchdog that have not returned yet
+        self.max_in_flight = max_in_flight
         self._model_thread = self._new_model_thread()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
+        # Batches running (max_in_flight > 1): their sequence numbers, those that shared the model with another (their
+        # times are not one batch's), and the threads that wait on their model steps.
+        self._slot_free = threading.Condition(self._lock)
+        self._running: set[int] = set()
+        self._overlapped: set[int] = set()
+        self._started = 0
+        self._batch_threads = (ThreadPoolExecutor(max_in_flight, thread_name_prefix="rtmdet-batch")
+                               if max_in_flight > 1 else None)
         self._admitted = 0  # admitted and not yet taken into a batch
         self._accepting = False
         self._thread: threading.Thread | None = None
@@ -164,9 +188,13 @@ class DynamicBatcher:
         self._accepting = False
         if self._thread is not None:
             self._queue.put(_STOP)
+            with self._slot_free:
+                self._slot_free.notify_all()
             self._thread.join(timeout)
             self._thread = None
         self._model_thread.shutdown(wait=False)
+        if self._batch_threads is not None:
+            self._batch_threads.shutdown(wait=False)
 
     def calibrate(self, repeats: int = 3) -> None:
         """Seed the learned times: the model step (forward + post-processing) on a blank image at batch sizes
@@ -193,9 +221,8 @@ class DynamicBatcher:
         log.info("batch times learned at start: %s",
                  ", ".join(f"{n}: {t * 1000:.1f} ms" for n, t in sorted(self.times.snapshot().items())))
 
-    @staticmethod
-    def _new_model_thread() -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(1, thread_name_prefix="rtmdet-model")
+    def _new_model_thread(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="rtmdet-model")
 
     @property
     def running(self) -> bool:
@@ -259,6 +286,9 @@ class DynamicBatcher:
         job = _Job(batch, info, params, deadline, loop.create_future(), loop, times, ticket)
         self.decode_s += DECODE_ALPHA * (job.enqueued_at - ticket.admitted_at - self.decode_s)
         self._queue.put(job)
+        if self._running:  # a worker may be waiting for a full batch to start a second one
+            with self._slot_free:
+                self._slot_free.notify()
         try:
             if deadline is None:
                 return await job.future
@@ -388,6 +418,8 @@ class DynamicBatcher:
     def _work(self) -> None:
         stop = False
         while True:
+            if self.max_in_flight > 1:
+                self._wait_for_slot()
             if self._held:  # SLO mode: requests left over from the last gather go first
                 first = self._held.popleft()
             elif stop:
@@ -401,10 +433,18 @@ class DynamicBatcher:
             else:
                 batch, stopped = self._gather_to_slo(first, reading=not stop)
             stop = stop or stopped
+            if self.max_in_flight > 1:
+                self._start_batch(batch)
+                continue
+            self.metrics.batches_running.set(1)
             try:
                 self._run_batch(batch)
             except Exception:  # never let the worker die; _run_batch already answered the requests
                 log.exception("unexpected error in the batch worker")
+            finally:
+                self.metrics.batches_running.set(0)
+        if self.max_in_flight > 1:
+            self._wait_for_running()
         # Stopped: anything still queued (nothing, after a proper drain) gets an answer, not silence.
         while True:
             try:
@@ -414,6 +454,50 @@ class DynamicBatcher:
             if job is not _STOP:
                 self._take(job)
                 self._fail(job, NotAccepting("the service stopped before this request ran"))
+
+    def _wait_for_slot(self) -> None:
+        """Until the next batch may start: nothing running, or a free slot and a full batch queued (a second batch
+        that starts half empty would cost throughput; waiting for the running one lets it fill). Woken by every
+        queued request and every finished batch; the timeout only bounds a missed wake-up."""
+        with self._slot_free:
+            while self._running and not (len(self._running) < self.max_in_flight
+                                         and self._queue.qsize() >= self.max_batch_size):
+                self._slot_free.wait(timeout=SLOT_POLL_S)
+
+    def _wait_for_running(self) -> None:
+        """At stop: the batches still running finish (each bounded by the watchdog) before the worker ends."""
+        with self._slot_free:
+            while self._running:
+                self._slot_free.wait(timeout=SLOT_POLL_S)
+
+    def _start_batch(self, batch: list[_Job]) -> None:
+        with self._lock:
+            self._started += 1
+            seq = self._started
+            if self._running:
+                self._overlapped |= self._running | {seq}
+            self._running.add(seq)
+            self.metrics.batches_running.set(len(self._running))
+        self._batch_threads.submit(self._run_counted, batch, seq)
+
+    def _run_counted(self, batch: list[_Job], seq: int) -> None:
+        try:
+            self._run_batch(batch, seq)
+        except Exception:  # never let a batch thread die silently; _run_batch already answered the requests
+            log.exception("unexpected error in a batch thread")
+        finally:
+            with self._slot_free:
+                self._running.discard(seq)
+                self._overlapped.discard(seq)
+                self.metrics.batches_running.set(len(self._running))
+                self._slot_free.notify_all()
+
+    def _ran_alone(self, seq: int | None) -> bool:
+        """Whether batch `seq` had the model to itself (None: one batch at a time, always)."""
+        if seq is None:
+            return True
+        with self._lock:
+            return seq not in self._overlapped
 
     def _live_jobs(self, batch: Sequence[_Job]) -> list[_Job]:
         now, live = time.monotonic(), []
@@ -429,7 +513,7 @@ class DynamicBatcher:
                 live.append(job)
         return live
 
-    def _run_batch(self, batch: Sequence[_Job]) -> None:
+    def _run_batch(self, batch: Sequence[_Job], seq: int | None = None) -> None:
         live = self._live_jobs(batch)
         if not live:
             return
@@ -452,7 +536,9 @@ class DynamicBatcher:
         self._busy_until = 0.0
         for n in sub_batches:
             self.metrics.batch_size.observe(n)
-        if len(sub_batches) == 1:  # a batch run in parts (out of memory, or per orientation) is not its size's time
+        # A batch run in parts (out of memory, or per orientation) is not its size's time, nor is one that shared the
+        # model with another batch.
+        if len(sub_batches) == 1 and self._ran_alone(seq):
             self.times.observe(len(live), t_inf + t_post)
             self.metrics.batch_actual.observe(t_inf + t_post)
             self.metrics.batch_time_margin.set(self.times.margin())
@@ -471,7 +557,8 @@ class DynamicBatcher:
         if self.stalled >= self.max_stalled:
             raise BatchFailed(f"the model is stalled ({self.stalled} steps stuck past the "
                               f"{self.inference_timeout_s:g} s watchdog); not running more until one returns")
-        future = self._model_thread.submit(self._infer_splitting, live)
+        with self._lock:  # not on an executor another batch thread is just replacing
+            future = self._model_thread.submit(self._infer_splitting, live)
         try:
             return future.result(timeout=self.inference_timeout_s or None)
         except FutureTimeout:
@@ -480,9 +567,11 @@ class DynamicBatcher:
             self.metrics.inference_timeouts.inc()
             self.metrics.stalled.set(self.stalled)
             future.add_done_callback(self._unstall)
-            # The stuck thread keeps its executor; the next batch gets a fresh one.
-            self._model_thread.shutdown(wait=False)
-            self._model_thread = self._new_model_thread()
+            # The stuck thread keeps its executor; the next batch gets a fresh one (a batch still running on the old
+            # executor finishes there).
+            with self._lock:
+                self._model_thread.shutdown(wait=False)
+                self._model_thread = self._new_model_thread()
             raise InferenceTimeout(f"inference watchdog: the model step took longer than "
                                    f"{self.inference_timeout_s:g} s; the batch of {len(live)} was abandoned") from None
 

@@ -207,7 +207,8 @@ class ModelRegistry:
         batcher = DynamicBatcher(detector, self.metrics.for_model(spec.name), s.max_batch_size,
                                  s.max_queue_delay_ms / 1000.0, s.max_queue_size,
                                  inference_timeout_s=s.inference_timeout_s,
-                                 latency_slo_s=slo_ms / 1000.0 if slo_ms else None)
+                                 latency_slo_s=slo_ms / 1000.0 if slo_ms else None,
+                                 max_in_flight=batches_in_flight(s, detector, slo_ms))
         batcher.start()
         gauge = self.metrics.versions_loaded.labels(model=spec.name)
         gauge.inc()
@@ -332,3 +333,11 @@ def info_labels(version: ModelVersion) -> dict[str, str]:
     return {"model": version.name, "version": version.version, "name": i.name, "size": i.size,
             "backend": i.backend, "device": i.device, "dtype": i.dtype,
             "input_size": str(version.detector.input_size)}
+
+
+def batches_in_flight(settings: ServiceSettings, detector: Detector, slo_ms: float | None) -> int:
+    """`max_batches_in_flight` where it can help: a runner that takes overlapping calls, batches of two or more (a
+    batch of one runs on all the threads), and no SLO (whose batcher learns the times of batches run alone)."""
+    if slo_ms or settings.max_batch_size < 2 or not detector.overlapping_calls:
+        return 1
+    return settings.max_batches_in_flight

@@ -165,6 +165,9 @@ class ServiceSettings(BaseSettings):
     # learned batch times say would be answered later are refused at admission (503 / RESOURCE_EXHAUSTED with
     # Retry-After). None: off, the fixed `max_queue_delay_ms` batcher.
     latency_slo_ms: float | None = Field(None, gt=0.0)
+    # Batches one model runs at once: a second starts while one runs once a full batch is queued, where the runner
+    # takes overlapping calls (the CPU's torch streams) and no SLO is set (service.batcher); 1: one at a time.
+    max_batches_in_flight: int = Field(2, ge=1, le=4)
     request_timeout_s: float = Field(30.0, gt=0.0)  # HTTP deadline unless the request sets `timeout_ms`
     header_timeout_s: float = Field(10.0, gt=0.0)  # for an HTTP request line + headers, from connect or last reply
     # Watchdog: a model step (forward + post-processing of one batch) running longer than this fails its

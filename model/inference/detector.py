@@ -212,6 +212,12 @@ class Detector:
     def forward(self, batch_uint8: torch.Tensor) -> RunnerOutputs:
         return self.runner.forward(batch_uint8)
 
+    @property
+    def overlapping_calls(self) -> bool:
+        """Whether two threads may call `forward` (and `postprocess`) at once, and gain from it; False unless the
+        runner says so."""
+        return bool(getattr(self.runner, "overlapping_calls", False))
+
     def postprocess(self, outputs: RunnerOutputs, infos: Sequence[LetterboxInfo], cfg: TestConfig | None = None,
                     params: Sequence[DetectParams] | None = None) -> list[Detections]:
         return self.transform.postprocess(outputs, infos, cfg, params)

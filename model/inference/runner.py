@@ -76,7 +76,8 @@ class NetworkInfo:
 
 
 class Runner(Protocol):
-    """uint8 batch -> raw outputs. `forward` is only ever called from one thread at a time."""
+    """uint8 batch -> raw outputs. `forward` is only ever called from one thread at a time, unless the runner has
+    a true `overlapping_calls` attribute (`Detector.overlapping_calls`)."""
 
     info: NetworkInfo
     device: torch.device  # where its outputs live (the transform post-processes there)

@@ -62,6 +62,10 @@ class TorchStreams:
     The first batch of a new chunk shape runs its chunks one after the other: the engine may compile for it
     (inductor), and its compilation patches process-wide settings that two threads must not enter at once."""
 
+    # Two callers may run batches at once (the service's batcher does, at full load): their chunks queue for the same
+    # workers, so a worker that finishes its chunk of one batch takes the next batch's at once.
+    overlapping_calls = True
+
     def __init__(self, engine: Callable, threads: int, streams: int | None = None) -> None:
         self.engine = engine
         self.name = getattr(engine, "name", type(engine).__name__)

@@ -104,6 +104,12 @@ class TorchRunner:
             return SparseHeadOutputs(list(cls), list(second), self.regressor)
         return HeadOutputs(list(cls), list(second))
 
+    @property
+    def overlapping_calls(self) -> bool:
+        """Whether `forward` may run two batches at once from two threads, to gain from it: an engine over torch
+        streams (model.inference.streams), once built (the build itself is not for two threads)."""
+        return bool(getattr(self._engine, "overlapping_calls", False))
+
     def warmup(self, batch_sizes: Sequence[int], input_size: int) -> None:
         """Each batch size once (more where the engine asks: TorchScript profiles shapes over two calls); on CUDA
         the sizes become the graph buckets; with `auto`, the engines are measured at the smallest and the largest
