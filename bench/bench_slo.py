@@ -15,10 +15,11 @@ machine moves p50 by 2x within a minute, falls on all of them alike. Each slice 
 ends when its last answer is in. Every request carries the HTTP default deadline (RTMDET_REQUEST_TIMEOUT_S, 30
 s). Printed per cell: p50/p99 of answered requests (ms), goodput (answers within the SLO per second of
 arrivals), refusals (503s: queue full or, for the SLO batcher, refused at admission or shed), other errors,
-the mean batch size and how busy the model was (its steps' time over the slices' wall time, drains included:
-under overload a batcher that kept the model busy and still fell short of the capacity's goodput met a slower
-machine than the capacity run did). Goals: p99 of answered <= SLO at every rate, goodput at 150 % >= 0.9 x
-capacity, p50 at 50 % no worse than the fixed batcher's.
+the mean batch size and how busy the model was: the time with at least one batch running
+(`rtmdet_model_busy_seconds_total`) over the slices' wall time, drains included. Under overload, a batcher that
+kept the model busy and still fell short of the capacity's goodput met a slower machine than the capacity run did.
+Goals: p99 of answered <= SLO at every rate, goodput at 150 % >= 0.9 x capacity, p50 at 50 % no worse than the
+fixed batcher's.
 """
 from __future__ import annotations
 
@@ -185,10 +186,10 @@ def main() -> int:
             totals = {name: new_counts() for name, _ in services}
             for r in range(args.rounds):
                 for name, service in services[r % len(services):] + services[:r % len(services)]:
-                    step_s = service.registry.slot(None).current.batcher.metrics.batch_actual
-                    busy0, t0 = step_s._sum.get(), time.monotonic()
+                    busy = service.registry.slot(None).current.batcher.metrics.model_busy
+                    busy0, t0 = busy._value.get(), time.monotonic()
                     add_counts(totals[name], asyncio.run(open_loop(service, data, rate, slice_s, seed=i * 100 + r)))
-                    totals[name]["busy"] += step_s._sum.get() - busy0
+                    totals[name]["busy"] += busy._value.get() - busy0
                     totals[name]["wall"] += time.monotonic() - t0
             for name, _ in services:
                 lines[name].append(row(name, pct, capacity, totals[name], slo_s, args.duration))

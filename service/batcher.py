@@ -163,6 +163,7 @@ class DynamicBatcher:
         self._running: set[int] = set()
         self._overlapped: set[int] = set()
         self._started = 0
+        self._busy_since = 0.0  # when the running batches' busy spell began (time.perf_counter())
         self._batch_threads = (ThreadPoolExecutor(max_in_flight, thread_name_prefix="rtmdet-batch")
                                if max_in_flight > 1 else None)
         self._admitted = 0  # admitted and not yet taken into a batch
@@ -437,12 +438,14 @@ class DynamicBatcher:
                 self._start_batch(batch)
                 continue
             self.metrics.batches_running.set(1)
+            t0 = time.perf_counter()
             try:
                 self._run_batch(batch)
             except Exception:  # never let the worker die; _run_batch already answered the requests
                 log.exception("unexpected error in the batch worker")
             finally:
                 self.metrics.batches_running.set(0)
+                self.metrics.model_busy.inc(time.perf_counter() - t0)
         if self.max_in_flight > 1:
             self._wait_for_running()
         # Stopped: anything still queued (nothing, after a proper drain) gets an answer, not silence.
@@ -476,6 +479,8 @@ class DynamicBatcher:
             seq = self._started
             if self._running:
                 self._overlapped |= self._running | {seq}
+            if not self._running:
+                self._busy_since = time.perf_counter()
             self._running.add(seq)
             self.metrics.batches_running.set(len(self._running))
         self._batch_threads.submit(self._run_counted, batch, seq)
@@ -490,6 +495,8 @@ class DynamicBatcher:
                 self._running.discard(seq)
                 self._overlapped.discard(seq)
                 self.metrics.batches_running.set(len(self._running))
+                if not self._running:
+                    self.metrics.model_busy.inc(time.perf_counter() - self._busy_since)
                 self._slot_free.notify_all()
 
     def _ran_alone(self, seq: int | None) -> bool:

@@ -69,6 +69,9 @@ class ServiceMetrics:
                                       registry=r)
         self.inference_timeouts = Counter("rtmdet_inference_timeouts_total",
                                           "Model steps abandoned by the inference watchdog", ["model"], registry=r)
+        self.model_busy = Counter("rtmdet_model_busy_seconds_total", "Seconds with at least one batch running (its "
+                                  "rate is the model's utilisation; overlapping batches count once)", ["model"],
+                                  registry=r)
         self.batches_running = Gauge("rtmdet_batches_running", "Batches the model is running now (up to "
                                      "RTMDET_MAX_BATCHES_IN_FLIGHT where the runner takes overlapping calls)",
                                      ["model"], registry=r)
@@ -114,6 +117,7 @@ class ModelMetrics:
         self.inference_timeouts = metrics.inference_timeouts.labels(model=model)
         self.stalled = metrics.stalled.labels(model=model)
         self.batches_running = metrics.batches_running.labels(model=model)
+        self.model_busy = metrics.model_busy.labels(model=model)
         self.oom_splits = metrics.oom_splits.labels(model=model)
         self.batch_predicted = metrics.batch_predicted.labels(model=model)
         self.batch_actual = metrics.batch_actual.labels(model=model)

@@ -148,12 +148,17 @@ def test_a_second_batch_starts_while_one_runs_only_once_a_full_batch_is_queued(m
         assert runner.sizes == [1, 4]
         assert batcher.metrics.batches_running._value.get() == 2
         rest += [asyncio.ensure_future(submit(batcher, imgs[5]))]  # two running: this one waits for a slot
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.6)
         assert runner.active == 2
         runner.go.set()
         return await asyncio.wait_for(asyncio.gather(first, *rest), WAIT_S)
 
+    t0 = time.perf_counter()
     answers = asyncio.run(scenario())
+    elapsed = time.perf_counter() - t0
+    # Busy from the first batch's start to the last one's end, the 0.6 s of two batches counted once.
+    busy = batcher.metrics.model_busy._value.get()
+    assert 0.9 <= busy <= elapsed, (busy, elapsed)
     assert runner.most == 2 and runner.sizes == [1, 4, 1]
     want = [detector([img], detector.with_config(score_thr=PARAMS.score_threshold))[0] for img in imgs]
     assert sum(len(w) for w in want) > 0  # the comparison is of real boxes
