@@ -163,7 +163,7 @@ class DynamicBatcher:
         self._running: set[int] = set()
         self._overlapped: set[int] = set()
         self._started = 0
-        self._busy_since = 0.0  # when the running batches' busy spell began (time.perf_counter())
+        self._busy_mark = 0.0  # time.perf_counter() up to which busy time is counted, while a batch runs
         self._batch_threads = (ThreadPoolExecutor(max_in_flight, thread_name_prefix="rtmdet-batch")
                                if max_in_flight > 1 else None)
         self._admitted = 0  # admitted and not yet taken into a batch
@@ -438,14 +438,13 @@ class DynamicBatcher:
                 self._start_batch(batch)
                 continue
             self.metrics.batches_running.set(1)
-            t0 = time.perf_counter()
+            self._busy_mark = time.perf_counter()
             try:
                 self._run_batch(batch)
             except Exception:  # never let the worker die; _run_batch already answered the requests
                 log.exception("unexpected error in the batch worker")
             finally:
                 self.metrics.batches_running.set(0)
-                self.metrics.model_busy.inc(time.perf_counter() - t0)
         if self.max_in_flight > 1:
             self._wait_for_running()
         # Stopped: anything still queued (nothing, after a proper drain) gets an answer, not silence.
@@ -480,7 +479,7 @@ class DynamicBatcher:
             if self._running:
                 self._overlapped |= self._running | {seq}
             if not self._running:
-                self._busy_since = time.perf_counter()
+                self._busy_mark = time.perf_counter()
             self._running.add(seq)
             self.metrics.batches_running.set(len(self._running))
         self._batch_threads.submit(self._run_counted, batch, seq)
@@ -495,9 +494,15 @@ class DynamicBatcher:
                 self._running.discard(seq)
                 self._overlapped.discard(seq)
                 self.metrics.batches_running.set(len(self._running))
-                if not self._running:
-                    self.metrics.model_busy.inc(time.perf_counter() - self._busy_since)
                 self._slot_free.notify_all()
+
+    def _count_busy(self) -> None:
+        """A model step ended: the time since the last count, during which some batch ran, is busy time. Counted
+        before the batch's answers go out, so a reader who has them sees it; two batches' time counts once."""
+        with self._lock:
+            now = time.perf_counter()
+            self.metrics.model_busy.inc(max(now - self._busy_mark, 0.0))
+            self._busy_mark = now
 
     def _ran_alone(self, seq: int | None) -> bool:
         """Whether batch `seq` had the model to itself (None: one batch at a time, always)."""
@@ -529,6 +534,7 @@ class DynamicBatcher:
         try:
             results, sub_batches, t_inf, t_post = self._watched(live)
         except Exception as exc:
+            self._count_busy()
             self._busy_until = 0.0
             self.metrics.batch_failures.inc()
             if isinstance(exc, BatchFailed):
@@ -540,6 +546,7 @@ class DynamicBatcher:
             for job in live:
                 self._fail(job, err)
             return
+        self._count_busy()
         self._busy_until = 0.0
         for n in sub_batches:
             self.metrics.batch_size.observe(n)

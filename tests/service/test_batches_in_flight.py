@@ -173,8 +173,12 @@ def test_one_at_a_time_with_max_in_flight_1(make_batcher):
     async def load():
         return await asyncio.gather(*(submit(batcher, img) for img in images(12)))
 
+    t0 = time.perf_counter()
     assert len(asyncio.run(load())) == 12
+    elapsed = time.perf_counter() - t0
     assert runner.most == 1
+    # Six or more batches of at least 50 ms each, all counted by the time the answers are in.
+    assert 0.05 * len(runner.sizes) <= batcher.metrics.model_busy._value.get() <= elapsed
 
 
 def test_only_batches_that_ran_alone_teach_the_batch_times(make_batcher):
