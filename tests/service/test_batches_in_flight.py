@@ -118,6 +118,16 @@ def queued(batcher: DynamicBatcher, n: int) -> bool:
     return True
 
 
+async def two_running(batcher: DynamicBatcher, runner: HeldRunner, imgs: list[np.ndarray]) -> list[asyncio.Future]:
+    """With batches of 2 and the runner holding its calls: a batch of imgs[0], then imgs[1:3], a full batch, which
+    starts beside it; both running when this returns (their requests' tasks)."""
+    tasks = [asyncio.ensure_future(submit(batcher, imgs[0]))]
+    assert await asyncio.to_thread(runner.wait_active, 1)
+    tasks += [asyncio.ensure_future(submit(batcher, img)) for img in imgs[1:3]]
+    assert await asyncio.to_thread(runner.wait_active, 2)
+    return tasks
+
+
 def rows(dets) -> np.ndarray:
     """Detections as (label, score, box) rows in a fixed order: boxes of equal score may come in either order."""
     table = np.column_stack([dets.labels, np.round(dets.scores, 4), np.round(dets.boxes, 1)])
@@ -187,12 +197,9 @@ def test_only_batches_that_ran_alone_teach_the_batch_times(make_batcher):
     runner.hold = True
 
     async def overlapped():
-        first = asyncio.ensure_future(submit(batcher, imgs[0]))
-        assert await asyncio.to_thread(runner.wait_active, 1)
-        second = [asyncio.ensure_future(submit(batcher, img)) for img in imgs[1:3]]
-        assert await asyncio.to_thread(runner.wait_active, 2)
+        tasks = await two_running(batcher, runner, imgs)
         runner.go.set()
-        await asyncio.wait_for(asyncio.gather(first, *second), WAIT_S)
+        await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
 
     asyncio.run(overlapped())
     assert runner.sizes == [1, 2]
@@ -211,10 +218,7 @@ def test_stop_answers_every_running_batch(make_batcher):
     runner.hold = True
 
     async def scenario():
-        tasks = [asyncio.ensure_future(submit(batcher, imgs[0]))]
-        assert await asyncio.to_thread(runner.wait_active, 1)
-        tasks += [asyncio.ensure_future(submit(batcher, img)) for img in imgs[1:3]]
-        assert await asyncio.to_thread(runner.wait_active, 2)
+        tasks = await two_running(batcher, runner, imgs)
         stopping = threading.Thread(target=batcher.stop, kwargs={"timeout": WAIT_S})
         stopping.start()
         await asyncio.sleep(0.2)
