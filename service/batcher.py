@@ -478,7 +478,7 @@ class DynamicBatcher:
             seq = self._started
             if self._running:
                 self._overlapped |= self._running | {seq}
-            if not self._running:
+            else:  # a busy spell begins
                 self._busy_mark = time.perf_counter()
             self._running.add(seq)
             self.metrics.batches_running.set(len(self._running))
