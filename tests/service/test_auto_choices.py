@@ -61,6 +61,8 @@ def start(tmp_path, name: str, choices) -> ServerProcess:
                          RTMDET_AUTO_CANDIDATES="onnxruntime", RTMDET_AUTO_CHOICES_FILE=str(choices))
 
 
+@pytest.mark.slow  # 25 s of the default run's 15 minutes; a restarted process reusing the saved choice is tested in
+# it (tests/model/test_choice_store.py), and the settings that name the file here
 def test_a_restarted_server_reuses_the_measurement_saved_by_the_first(tmp_path):
     choices = tmp_path / "cache" / "auto.json"
     body = jpeg(load_image(PHOTO))

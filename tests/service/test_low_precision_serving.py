@@ -35,6 +35,8 @@ def test_model_option_takes_a_calibration_folder():
         parse_model_option(f"q={WEIGHTS},accelerate=openvino-int4", ServiceSettings())
 
 
+@pytest.mark.slow  # 31 s of the default run's 15 minutes; the int8 runner's detections against eager's are tested
+# in it (tests/model/test_low_precision.py), and the --model option that names it here
 def test_an_int8_model_is_served_and_finds_the_shapes_eager_finds(shapes, tmp_path):
     srv = ServerProcess(WEIGHTS, tmp_path / "server.log", "--model",
                         f"q={WEIGHTS},img_size={SIZE},accelerate=openvino-int8,calibration={shapes / 'train'}",
