@@ -1,4 +1,5 @@
-"""Dynamic batcher: many concurrent requests in, one inference thread running batches.
+"""Dynamic batcher: many concurrent requests in, one worker thread forming batches (run one at a time, or two at
+full load: "Two batches in flight" below).
 
 Requests are *admitted* first (a bounded count: when `max_queue_size` requests are already waiting,
 the next is refused at once with `QueueFull`), then decoded and letterboxed elsewhere, then queued
