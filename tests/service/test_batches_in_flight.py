@@ -21,7 +21,7 @@ from svc_helpers import png
 from model import Detector, TestConfig
 from model.inference.detections import DetectParams
 from model.inference.streams import TorchStreams
-from service.batcher import DynamicBatcher, StageTimes
+from service.batcher import DynamicBatcher, InferenceTimeout, StageTimes
 from service.metrics import ServiceMetrics
 from service.pipeline import DetectionService
 from service.registry import ModelRegistry, batches_in_flight
@@ -42,6 +42,7 @@ class HeldRunner:
     def __init__(self, inner, delay_s: float = 0.0) -> None:
         self.inner, self.delay_s = inner, delay_s
         self.hold = False
+        self.hold_first_only = False  # with `hold`: only the first call waits
         self.go = threading.Event()
         self.active = self.most = 0
         self.sizes: list[int] = []
@@ -56,9 +57,10 @@ class HeldRunner:
             self.active += 1
             self.most = max(self.most, self.active)
             self.sizes.append(int(batch.shape[0]))
+            first = len(self.sizes) == 1
             self.started.notify_all()
         try:
-            if self.hold:
+            if self.hold and (first or not self.hold_first_only):
                 assert self.go.wait(WAIT_S), "the test never let the call go"
             time.sleep(self.delay_s)
             return self.inner.forward(batch)
@@ -85,11 +87,11 @@ def images(n: int) -> list[np.ndarray]:
 def make_batcher(detector):
     made = []
 
-    def make(max_batch_size: int = 4, max_in_flight: int = 2, delay_s: float = 0.0, **kwargs):
+    def make(max_batch_size: int = 4, max_in_flight: int = 2, delay_s: float = 0.0, inference_timeout_s=WAIT_S):
         runner = HeldRunner(detector.runner, delay_s)
         held = Detector.from_runner(runner, detector.cfg)
         batcher = DynamicBatcher(held, ServiceMetrics().for_model("m"), max_batch_size, max_queue_delay_s=0.0,
-                                 max_in_flight=max_in_flight, inference_timeout_s=WAIT_S, **kwargs)
+                                 max_in_flight=max_in_flight, inference_timeout_s=inference_timeout_s)
         batcher.start()
         made.append(batcher)
         return batcher, runner
@@ -232,6 +234,33 @@ def test_stop_answers_every_running_batch(make_batcher):
     answers = asyncio.run(scenario())
     assert len(answers) == 3 and all(a is not None for a in answers)
     assert not batcher.running
+
+
+def test_a_hung_batch_trips_the_watchdog_and_the_other_batch_runs_on(make_batcher):
+    """The first batch hangs: the watchdog fails its request after its timeout, the batch beside it (and later ones,
+    on a fresh model executor) answer normally, and the stalled count falls back to 0 once the hung step returns."""
+    batcher, runner = make_batcher(max_batch_size=2, inference_timeout_s=2.0)
+    imgs = images(5)
+    runner.hold, runner.hold_first_only = True, True
+
+    async def scenario():
+        hung = asyncio.ensure_future(submit(batcher, imgs[0]))
+        assert await asyncio.to_thread(runner.wait_active, 1)
+        beside = await asyncio.wait_for(asyncio.gather(*(submit(batcher, img) for img in imgs[1:3])), WAIT_S)
+        assert not hung.done()  # answered beside the hung batch, not after its watchdog
+        with pytest.raises(InferenceTimeout, match="watchdog"):
+            await asyncio.wait_for(hung, WAIT_S)
+        assert batcher.stalled == 1
+        later = await asyncio.wait_for(asyncio.gather(*(submit(batcher, img) for img in imgs[3:5])), WAIT_S)
+        return beside + later
+
+    answers = asyncio.run(scenario())
+    assert len(answers) == 4 and runner.sizes[:2] == [1, 2]
+    runner.go.set()  # the hung step returns
+    end = time.monotonic() + WAIT_S
+    while batcher.stalled and time.monotonic() < end:
+        time.sleep(0.01)
+    assert batcher.stalled == 0 and batcher.metrics.inference_timeouts._value.get() == 1
 
 
 def test_an_slo_keeps_one_batch_at_a_time(detector):
