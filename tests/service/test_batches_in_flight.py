@@ -120,9 +120,18 @@ def queued(batcher: DynamicBatcher, n: int) -> bool:
     return True
 
 
-async def two_running(batcher: DynamicBatcher, runner: HeldRunner, imgs: list[np.ndarray]) -> list[asyncio.Future]:
-    """With batches of 2 and the runner holding its calls: a batch of imgs[0], then imgs[1:3], a full batch, which
+@pytest.fixture()
+def held_pairs(make_batcher):
+    """A batcher of batches of 2 whose runner holds every call until the test sets `go`."""
+    batcher, runner = make_batcher(max_batch_size=2)
+    runner.hold = True
+    return batcher, runner
+
+
+async def two_running(batcher: DynamicBatcher, runner: HeldRunner) -> list[asyncio.Future]:
+    """With batches of 2 and the runner holding its calls: a batch of one image, then a full batch of two, which
     starts beside it; both running when this returns (their requests' tasks)."""
+    imgs = images(3)
     tasks = [asyncio.ensure_future(submit(batcher, imgs[0]))]
     assert await asyncio.to_thread(runner.wait_active, 1)
     tasks += [asyncio.ensure_future(submit(batcher, img)) for img in imgs[1:3]]
@@ -193,13 +202,11 @@ def test_one_at_a_time_with_max_in_flight_1(make_batcher):
     assert 0.05 * len(runner.sizes) <= batcher.metrics.model_busy._value.get() <= elapsed
 
 
-def test_only_batches_that_ran_alone_teach_the_batch_times(make_batcher):
-    batcher, runner = make_batcher(max_batch_size=2)
-    imgs = images(3)
-    runner.hold = True
+def test_only_batches_that_ran_alone_teach_the_batch_times(held_pairs):
+    batcher, runner = held_pairs
 
     async def overlapped():
-        tasks = await two_running(batcher, runner, imgs)
+        tasks = await two_running(batcher, runner)
         runner.go.set()
         await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
 
@@ -208,19 +215,17 @@ def test_only_batches_that_ran_alone_teach_the_batch_times(make_batcher):
     assert batcher.times.samples(1) == 0 and batcher.times.samples(2) == 0  # both shared the model
 
     async def alone():
-        await submit(batcher, imgs[0])
+        await submit(batcher, images(1)[0])
 
     asyncio.run(alone())
     assert batcher.times.samples(1) == 1
 
 
-def test_stop_answers_every_running_batch(make_batcher):
-    batcher, runner = make_batcher(max_batch_size=2)
-    imgs = images(3)
-    runner.hold = True
+def test_stop_answers_every_running_batch(held_pairs):
+    batcher, runner = held_pairs
 
     async def scenario():
-        tasks = await two_running(batcher, runner, imgs)
+        tasks = await two_running(batcher, runner)
         stopping = threading.Thread(target=batcher.stop, kwargs={"timeout": WAIT_S})
         stopping.start()
         await asyncio.sleep(0.2)
