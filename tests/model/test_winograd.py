@@ -26,7 +26,8 @@ def conv_and_input(c, k, h, w, batch=1, bias=True, seed=0):
     (128, 64, 3, 5, 1, False),    # smaller than one tile; no bias
     (96, 96, 12, 20, 3, True),    # a tight canvas's landscape map
     (40, 72, 30, 22, 2, True),    # channels not a multiple of the 16 lanes nor outputs of the 32-wide panels;
-                                  # 96 tiles, four blocks of the fused kernel's (the last one short)
+                                  # 96 tiles: four blocks of 24 on one thread, eight of 12 on two
+    (96, 40, 17, 19, 1, True),    # 25 tiles: on two threads four blocks of 6 and a last one of a single tile
 ])
 def test_winograd_gives_the_direct_convolution(c, k, h, w, batch, bias):
     conv, x = conv_and_input(c, k, h, w, batch, bias)

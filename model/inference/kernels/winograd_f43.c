@@ -166,17 +166,31 @@ static inline __attribute__((always_inline)) void output_block(const float *prod
 static inline __attribute__((always_inline)) void gemm_micro(const float *restrict va, const float *restrict up,
                                                              long c, float *restrict mc, long ldm, int rows) {
     float acc[MR][NR];
-    for (int r = 0; r < MR; ++r)
+    for (int r = 0; r < rows; ++r)
         for (int j = 0; j < NR; ++j) acc[r][j] = 0.0f;
     for (long q = 0; q < c; ++q) {
         const float *b = up + q * NR;
-        for (int r = 0; r < MR; ++r) {
-            const float a = va[(r < rows ? r : 0) * c + q]; /* a short last block repeats its first row, unused */
+        for (int r = 0; r < rows; ++r) {
+            const float a = va[r * c + q];
             for (int j = 0; j < NR; ++j) acc[r][j] += a * b[j];
         }
     }
     for (int r = 0; r < rows; ++r)
         for (int j = 0; j < NR; ++j) mc[r * ldm + j] = acc[r][j];
+}
+
+/* gemm_micro with `rows` a constant in each inlined copy: a short group of tiles (a block's last, or a small
+ * map's) costs its own rows' multiply-adds, not MR's. */
+static inline __attribute__((always_inline)) void gemm_rows(const float *restrict va, const float *restrict up,
+                                                            long c, float *restrict mc, long ldm, int rows) {
+    switch (rows) {
+    case 1: gemm_micro(va, up, c, mc, ldm, 1); break;
+    case 2: gemm_micro(va, up, c, mc, ldm, 2); break;
+    case 3: gemm_micro(va, up, c, mc, ldm, 3); break;
+    case 4: gemm_micro(va, up, c, mc, ldm, 4); break;
+    case 5: gemm_micro(va, up, c, mc, ldm, 5); break;
+    default: gemm_micro(va, up, c, mc, ldm, MR); break;
+    }
 }
 
 /* One block of tiles [t0, t0 + tb): transform in, 36 products, transform out. */
@@ -197,8 +211,8 @@ static inline __attribute__((always_inline)) void conv_block(const float *x, con
     for (long e = 0; e < A_ELEMENTS; ++e)
         for (long n0 = 0; n0 < kp; n0 += NR)
             for (long r0 = 0; r0 < tb; r0 += MR)
-                gemm_micro(v + (e * tb + r0) * c, u + (e * kp + n0) * c, c, m + (e * tb + r0) * kp + n0, kp,
-                           tb - r0 < MR ? (int)(tb - r0) : MR);
+                gemm_rows(v + (e * tb + r0) * c, u + (e * kp + n0) * c, c, m + (e * tb + r0) * kp + n0, kp,
+                          tb - r0 < MR ? (int)(tb - r0) : MR);
     for (long t = 0; t < tb; ++t) {
         long img, i, j;
         tile_position(t0 + t, th, tw, &img, &i, &j);
@@ -211,9 +225,16 @@ static inline __attribute__((always_inline)) void conv_block(const float *x, con
     }
 }
 
-/* Tiles per block: a multiple of MR whose v and m fit BLOCK_BYTES, at least MR. */
-static long block_tiles(long c, long kp) {
+/* Tiles per block: a multiple of MR whose v and m fit BLOCK_BYTES, at least MR; with several threads also at
+ * most a quarter of one thread's share, so that a small map (a 20x20 map is 25 tiles) still makes several blocks
+ * per thread for the dynamic schedule to even out. With whole L2-sized blocks only, 96 -> 96 at 20x20 made two
+ * blocks of 18 and 7 tiles and 192 -> 192 at 20x20 five (three on one thread, two on the other). */
+static long block_tiles(long c, long kp, long tiles, long nthreads) {
     long tb = BLOCK_BYTES / ((long)sizeof(float) * A_ELEMENTS * (c + kp)) / MR * MR;
+    if (nthreads > 1) {
+        const long quarter = tiles / (4 * nthreads) / MR * MR;
+        if (quarter < tb) tb = quarter;
+    }
     return tb < MR ? MR : tb;
 }
 
@@ -222,7 +243,7 @@ static long block_tiles(long c, long kp) {
 static inline __attribute__((always_inline)) long conv_all(const float *x, const float *u, const float *bias,
                                                            float *y, long n, long h, long w, long c, long k,
                                                            long th, long tw, long act, long nthreads) {
-    const long kp = (k + NR - 1) / NR * NR, tiles = n * th * tw, tb = block_tiles(c, kp);
+    const long kp = (k + NR - 1) / NR * NR, tiles = n * th * tw, tb = block_tiles(c, kp, tiles, nthreads);
     const long blocks = (tiles + tb - 1) / tb;
     long failed = 0;
     (void)nthreads;
@@ -233,7 +254,10 @@ static inline __attribute__((always_inline)) long conv_all(const float *x, const
         float *v = malloc(sizeof(float) * A_ELEMENTS * tb * (c + kp));
         float *m = v == NULL ? NULL : v + A_ELEMENTS * tb * c;
         if (v == NULL) failed = 1;
-#pragma omp for schedule(static)
+        /* dynamic: a thread that starts late (with OMP_WAIT_POLICY=PASSIVE the second one is woken from sleep
+         * first) or runs slower (a busy neighbour on its core) takes fewer blocks instead of holding the other
+         * at the closing barrier. */
+#pragma omp for schedule(dynamic, 1)
         for (long blk = 0; blk < blocks; ++blk) {
             const long t0 = blk * tb, count = tiles - t0 < tb ? tiles - t0 : tb;
             if (v != NULL) conv_block(x, u, bias, y, h, w, c, k, kp, th, tw, t0, count, v, m, act);
