@@ -26,6 +26,11 @@ How it got there (2026-12-07, the 2-core Zen 4 VM, /tmp micro-benchmarks, batch 
 - This one, fused per block: 3.52 ms (1.45x the second; 2.10x at batch 8, where the second's intermediates were
   8x larger). Its GEMM ran at 54 GFLOP/s until the build added `-ffp-contract=fast` (ISO C mode had kept every
   multiply-add as two instructions), then 83.
+- On two threads a small map made few blocks (96->96 at 20x20: two, of 18 tiles and 7; 192->192 at 20x20: five,
+  three on one thread), cut statically, and a short group of tiles cost a whole group's products. Blocks of at
+  most a quarter of a thread's share under a dynamic schedule, and products for only the group's own rows, made
+  tiny's shapes 1.03-1.27x faster on two threads at batch 1 with the same bits, and the network 1.04-1.09x
+  (tiny and s, batch 1, eager and inductor; the old and the new library swapped in one process, alternating).
 - Against the direct convolution (oneDNN) with SiLU, per shape, 1 / 2 threads: 96->96 at 80x80 2.88x / 1.72x,
   64->64 at 80x80 2.43x / 1.89x, 48->48 at 80x80 1.56x / 1.94x, 24->24 at 160x160 1.32x / 1.16x, but the stem's
   12->24 at 320x320 0.82x / 1.20x: hence `MIN_CHANNELS` 24. `bench/bench_winograd.py --convs` measures each
