@@ -28,7 +28,7 @@ $(TRITON_VENV)/.installed:
 triton-env: $(TRITON_VENV)/.installed
 
 test: install triton-env
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=30
 
 test-all: install triton-env
 	$(PY) -m pytest -q
