@@ -246,7 +246,6 @@ static inline __attribute__((always_inline)) long conv_all(const float *x, const
     const long kp = (k + NR - 1) / NR * NR, tiles = n * th * tw, tb = block_tiles(c, kp, tiles, nthreads);
     const long blocks = (tiles + tb - 1) / tb;
     long failed = 0;
-    (void)nthreads;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && blocks > 1) reduction(| : failed)
     {
         /* Each thread's own scratch: malloc'd per call (glibc serves it from its heap after the first). Every
