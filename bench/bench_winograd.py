@@ -37,6 +37,7 @@ from model import Detector, TestConfig  # noqa: E402
 from model.inference.accelerate import EagerRunner, InductorRunner  # noqa: E402
 from model.inference.allocator import keep_freed_memory  # noqa: E402
 from model.inference.onnx_runners import OnnxRuntimeRunner, OpenVINORunner, export_network  # noqa: E402
+from model.inference.pointwise import with_pointwise_gemm  # noqa: E402
 from model.inference.runner_choice import peak_relative_error  # noqa: E402
 from model.inference.streams import with_streams  # noqa: E402
 from model.inference.winograd import WinogradConv2d  # noqa: E402
@@ -52,8 +53,9 @@ def network_rows(size: str, threads: int, batches: list[int], rounds: int, secon
     det = Detector(build_model(size), device="cpu", accelerate="eager",
                    test_cfg=TestConfig.serving(input_size=input_size))
     net = det.engine_network
-    runners = {"eager direct": with_streams(EagerRunner(net, det.normalize), threads),
-               "eager winograd": with_streams(EagerRunner(net, det.normalize, winograd=True), threads),
+    # Both eager rows run the 1x1s as the Detector does (model.inference.pointwise): only the 3x3s differ.
+    runners = {"eager direct": with_streams(EagerRunner(with_pointwise_gemm(net)[0], det.normalize), threads),
+               "eager winograd": with_streams(EagerRunner(net, det.normalize, fast=True), threads),
                "inductor direct": with_streams(InductorRunner(net, det.normalize, winograd=False), threads),
                "inductor winograd": with_streams(InductorRunner(net, det.normalize, winograd=True), threads)}
     with export_network(net, det.strides, input_size) as path:

@@ -14,6 +14,8 @@ their peak.
   With 2+ threads, eager and inductor cut a batch of 2+ over one-thread streams (model.inference.streams).
   On the CPU both run the stride-1 3x3 convolutions of 24+ channels as Winograd F(4x4, 3x3) (model.inference.winograd;
   `RTMDET_WINOGRAD=0` turns it off); the eager reference that `auto` checks candidates against does not.
+  Eager also runs its 1x1 convolutions, where torch would take its native NCHW path (one thread, a batch under 16:
+  every one-thread stream), as one matrix product over NHWC rows (model.inference.pointwise).
 - `inductor`: `torch.compile` with freezing (weights folded into the graph as constants, convolutions packed
   for oneDNN with their activations fused).
   Compiles on the first call of a shape (~5-20 s for tiny here; a second batch size compiles once more,
@@ -41,6 +43,7 @@ import torch
 from torch import nn
 
 from model.inference.modes import ALIASES, CPU_MODES, LOW_PRECISION_MODES, MODES
+from model.inference.pointwise import with_pointwise_gemm
 from model.inference.streams import with_streams
 from model.inference.winograd import with_winograd
 
@@ -70,8 +73,9 @@ def on_cpu(net: nn.Module) -> bool:
 
 
 def fast_eager(reference: EagerRunner) -> EagerRunner:
-    """The eager runner as `build_runner` makes it (Winograd on the CPU), from the reference eager runner."""
-    return EagerRunner(reference.net, reference.normalize, winograd=True)
+    """The eager runner as `build_runner` makes it (Winograd and GEMM 1x1s on the CPU), from the reference eager
+    runner."""
+    return EagerRunner(reference.net, reference.normalize, fast=True)
 
 
 def bucket_for(batch: int, buckets: Sequence[int]) -> int:
@@ -93,15 +97,20 @@ def trim_outputs(out: Outputs, batch: int) -> Outputs:
 
 
 class EagerRunner:
-    """The module itself, after `normalize`. With `winograd` (on the CPU; `build_runner` asks for it, the
-    reference that other runners are checked against does not), its wide 3x3 convolutions run as Winograd
-    F(4x4, 3x3) in a copy of the network (model.inference.winograd)."""
+    """The module itself, after `normalize`. With `fast` (on the CPU; `build_runner` asks for it, the reference that
+    other runners are checked against does not), a copy of the network runs its wide 3x3 convolutions as Winograd
+    F(4x4, 3x3) (model.inference.winograd) and its 1x1 convolutions, where torch would run them natively, as one
+    matrix product over NHWC rows (model.inference.pointwise)."""
 
     name = "eager"
 
     def __init__(self, net: nn.Module, normalize: Callable[[torch.Tensor], torch.Tensor],
-                 winograd: bool = False) -> None:
-        self.net, self.winograd_convs = with_winograd(net) if winograd and on_cpu(net) else (net, 0)
+                 fast: bool = False) -> None:
+        self.net, self.winograd_convs, self.pointwise_convs = net, 0, 0
+        if fast and on_cpu(net):
+            self.net, self.winograd_convs = with_winograd(net)
+            # with_winograd copied the network unless it was off: swap the 1x1s in that copy, never in `net`.
+            self.net, self.pointwise_convs = with_pointwise_gemm(self.net, inplace=self.net is not net)
         self.normalize = normalize
 
     def __call__(self, batch_uint8: torch.Tensor) -> Outputs:
@@ -219,7 +228,7 @@ def build_runner(mode: str, net: nn.Module, normalize: Callable[[torch.Tensor], 
     `calibration` (model.inference.low_precision.Calibration) for `openvino-int8`; `any_canvas`: the runtimes'
     export takes any height and width (the `tight` canvas), not only `example_uint8`'s square."""
     if mode in ("eager", "inductor"):
-        engine = EagerRunner(net, normalize, winograd=True) if mode == "eager" else InductorRunner(net, normalize)
+        engine = EagerRunner(net, normalize, fast=True) if mode == "eager" else InductorRunner(net, normalize)
         if on_cpu(net):
             return with_streams(engine, threads or torch.get_num_threads())
         return engine

@@ -74,7 +74,7 @@ def test_an_unreadable_file_or_a_malformed_entry_is_a_warning_and_a_measurement(
                                        choices_file=path)
     assert not choice.reused and choice.chosen == "eager" and "does not hold" in caplog.text
     # The eager runner as it serves: Winograd on the CPU (model.inference.winograd), the same code to the bit.
-    assert peak_relative_error(runner(x1), EagerRunner(network, NORMALIZE, winograd=True)(x1)) == 0.0
+    assert peak_relative_error(runner(x1), EagerRunner(network, NORMALIZE, fast=True)(x1)) == 0.0
     ChoiceFile(path).save(key, {"chosen": "eager", "by_batch": "not a mapping"})
     forget_choices()
     caplog.clear()
@@ -94,7 +94,7 @@ def test_a_folder_that_cannot_be_written_is_a_warning_and_the_choice_still_serve
                                        choices_file=blocker / "auto.json")
     assert choice.chosen == "eager" and "could not save" in caplog.text
     # The eager runner as it serves: Winograd on the CPU (model.inference.winograd), the same code to the bit.
-    assert peak_relative_error(runner(x1), EagerRunner(network, NORMALIZE, winograd=True)(x1)) == 0.0
+    assert peak_relative_error(runner(x1), EagerRunner(network, NORMALIZE, fast=True)(x1)) == 0.0
 
 
 def test_a_choice_measured_with_another_winograd_kernel_is_measured_again(tmp_path, monkeypatch):
