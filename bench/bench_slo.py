@@ -1,6 +1,7 @@
 """Batching to a latency SLO against fixed-delay batching, under open-loop (Poisson) load.
 
     .venv/bin/python bench/bench_slo.py [--slo-ms 1000] [--duration 20] [--rounds 3] [--input-size 320] [--batch 8]
+        [--fixed-delays-ms 2 10] [--fixed-in-flight 2]
 
 What runs: the service's own request path in-process (`DetectionService.detect_encoded`: JPEG decode and
 letterbox on the decode pool, the model's batcher, the real RTMDet-tiny torch runner, NMS), without HTTP: on a
@@ -18,6 +19,8 @@ arrivals), refusals (503s: queue full or, for the SLO batcher, refused at admiss
 the mean batch size and how busy the model was: the time with at least one batch running
 (`rtmdet_model_busy_seconds_total`) over the slices' wall time, drains included. Under overload, a batcher that
 kept the model busy and still fell short of the capacity's goodput met a slower machine than the capacity run did.
+`--fixed-in-flight 1 2` runs each fixed batcher both ways (one batch at a time, and up to two in flight at full
+load: RTMDET_MAX_BATCHES_IN_FLIGHT); capacity is measured with the last value.
 Goals: p99 of answered <= SLO at every rate, goodput at 150 % >= 0.9 x capacity, p50 at 50 % no worse than the
 fixed batcher's.
 """
@@ -52,10 +55,10 @@ from service.settings import DEFAULT_WEIGHTS, ServiceSettings  # noqa: E402
 QUERY = DetectQuery()
 
 
-def make_service(weights: Path, args, slo_ms: float | None, delay_ms: float) -> DetectionService:
+def make_service(weights: Path, args, slo_ms: float | None, delay_ms: float, in_flight: int = 2) -> DetectionService:
     settings = ServiceSettings(weights=weights, size=args.size, input_size=args.input_size, device="cpu",
                                max_batch_size=args.batch, max_queue_delay_ms=delay_ms, max_queue_size=args.queue,
-                               latency_slo_ms=slo_ms, decode_threads=2, warmup=True)
+                               latency_slo_ms=slo_ms, decode_threads=2, warmup=True, max_batches_in_flight=in_flight)
     service = DetectionService(settings)
     service.load()
     return service
@@ -135,6 +138,8 @@ def main() -> int:
     ap.add_argument("--queue", type=int, default=64, help="max_queue_size (the fixed batchers' only overload limit)")
     ap.add_argument("--slo-ms", type=float, default=1000.0)
     ap.add_argument("--fixed-delays-ms", type=float, nargs="+", default=[2.0, 10.0])
+    ap.add_argument("--fixed-in-flight", type=int, nargs="+", default=[2],
+                    help="the fixed batchers' RTMDET_MAX_BATCHES_IN_FLIGHT (several: each delay with each)")
     ap.add_argument("--rates", type=int, nargs="+", default=[50, 90, 150], help="percent of measured capacity")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per cell")
     ap.add_argument("--rounds", type=int, default=3, help="slices per cell, the batchers' order rotated each round")
@@ -154,19 +159,21 @@ def main() -> int:
           f"{args.threads}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, SLO {args.slo_ms:g} ms, "
           f"{args.duration:g} s per cell, image {args.image.name}")
 
-    configs = [(f"SLO {args.slo_ms:g} ms (delay cap 2 ms)", args.slo_ms, 2.0)]
-    configs += [(f"fixed delay {d:g} ms", None, d) for d in args.fixed_delays_ms]
+    configs = [(f"SLO {args.slo_ms:g} ms (delay cap 2 ms)", args.slo_ms, 2.0, 1)]
+    several = len(args.fixed_in_flight) > 1
+    configs += [(f"fixed delay {d:g} ms" + (f", {k} in flight" if several else ""), None, d, k)
+                for d in args.fixed_delays_ms for k in args.fixed_in_flight]
     # Capacity: the better of two closed-loop windows (neighbours' jobs only ever slow it), measured again before
     # each rate, since the neighbours move it by 2x within minutes (42.9 img/s once, and the "150 %" cells that
     # followed were answered at 65.8/s: not overload at all).
-    probe = make_service(weights, args, None, args.fixed_delays_ms[0])
+    probe = make_service(weights, args, None, args.fixed_delays_ms[0], args.fixed_in_flight[-1])
     asyncio.run(closed_loop(probe, data, 2 * args.batch, 3.0))  # warm the whole path
 
     def capacity_now() -> float:
         return max(asyncio.run(closed_loop(probe, data, 2 * args.batch, 6.0)) for _ in range(2))
 
     # Every batcher loaded at once and the cells interleaved in rotated rounds (see the module docstring).
-    services = [(name, make_service(weights, args, slo_ms, delay_ms)) for name, slo_ms, delay_ms in configs]
+    services = [(name, make_service(weights, args, slo_ms, delay_ms, k)) for name, slo_ms, delay_ms, k in configs]
     lines: dict[str, list[str]] = {name: [] for name, _ in services}
     slice_s = args.duration / args.rounds
     try:
@@ -180,7 +187,8 @@ def main() -> int:
               + f"; margin {batcher.times.margin():.2f}")
         for i, pct in enumerate(args.rates):
             capacity = capacity_now()
-            print(f"capacity (closed loop, {2 * args.batch} clients, fixed delay {args.fixed_delays_ms[0]:g} ms): "
+            print(f"capacity (closed loop, {2 * args.batch} clients, fixed delay {args.fixed_delays_ms[0]:g} ms, "
+                  f"{args.fixed_in_flight[-1]} in flight): "
                   f"{capacity:.2f} img/s", flush=True)
             rate = capacity * pct / 100.0
             totals = {name: new_counts() for name, _ in services}
