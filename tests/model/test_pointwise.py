@@ -64,7 +64,7 @@ def test_on_one_thread_the_native_path_is_gone_and_elsewhere_the_convolution_run
     x = torch.randn(1, 96, 20, 20).contiguous(memory_format=torch.channels_last)
     threads(1)
     with torch.inference_mode():
-        assert NATIVE_CONV_OPS & ops_run(lambda: conv(x))  # what torch itself does here: the copies' path
+        assert NATIVE_CONV_OPS & ops_run(lambda: conv(x))  # what torch itself does here: its native path
         assert not NATIVE_CONV_OPS & ops_run(lambda: swapped(x))
         assert "aten::addmm" in ops_run(lambda: swapped(x))
         # An NCHW input, or a batch of 16 (where torch takes oneDNN itself), stays the convolution's.
