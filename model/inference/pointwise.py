@@ -18,7 +18,8 @@ more, an NCHW input) the convolution runs as before, on oneDNN.
 Measured (2026-12-07, the 2-core Intel Xeon VM with AVX-512, RTMDet-tiny and s at 640, eager with Winograd,
 `bench/bench_pointwise.py --rounds 8`): 1.02-1.10x on one thread and 1.03-1.04x at batch 8 on two one-thread
 streams at 22:44 UTC, the service 1.10-1.15x (bench/bench_revisions.py, docs/service.md); at 23:40 UTC, with the
-SiLU no longer slow, 0.98-1.03x and the service 1.025x. Never slower, the same bits at batch 1: kept.
+SiLU no longer slow, 0.97-1.03x and the service 1.025x (per round 0.96-1.14): no loss beyond the noise, the
+same bits at batch 1, so it stays.
 """
 from __future__ import annotations
 
